@@ -1,0 +1,53 @@
+"""The `gateway` command and its subcommands.
+
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gateway", description="mTLS security gateway for the Automation API")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the gateway (and the embedded reference API)")
+    serve.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    serve.add_argument("--workers", type=int, default=1, help="number of worker processes")
+
+    ref = sub.add_parser("reference-api", help="run only the reference Automation API (plain HTTP)")
+    ref.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    ref.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: reference_api.listen)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "reference-api":
+            from gateway.reference.server import run as run_reference
+
+            run_reference(load_config(args.config), args.listen)
+            return 0
+        if args.command == "serve":
+            load_config(args.config)
+            print("gateway serve: the mTLS front door is not built yet; run `gateway reference-api` for the "
+                  "reference Automation API", file=sys.stderr)
+            return 2
+    except ConfigError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"gateway: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
