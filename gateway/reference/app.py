@@ -26,7 +26,7 @@ from gateway.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.problem import problem_bytes
 from gateway.reference.directory import Directory
 from gateway.reference.documents import DocumentError, SigningIdentity, check_pdf, sign_pdf
-from gateway.reference.formdata import BodyError, read_json_object, read_multipart
+from gateway.reference.formdata import BodyError, read_json_object, read_multipart, read_urlencoded
 from gateway.reference.forms import FieldError, parse_anonymize, parse_create
 from gateway.reference.orders import Conflict, NoSuchSigner
 from gateway.reference.store import NotFound, Person, Store
@@ -74,6 +74,14 @@ def _error_response(exc: Exception, request_id: str) -> web.Response:
 
 @web.middleware
 async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    response = await _answer(request, handler)
+    if not request.content.is_eof():
+        # The body was refused unread (413, 415, ...): do not keep reading it to reuse the connection.
+        response.force_close()
+    return response
+
+
+async def _answer(request: web.Request, handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
     request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else str(uuid.uuid4())
     request["request_id"] = request_id
@@ -157,6 +165,8 @@ class Handlers:
         if request.content_type == "application/json":
             body = await read_json_object(request)
             fields = {k: [v] for k, v in body.items()}
+        elif request.content_type == "application/x-www-form-urlencoded":
+            fields = await read_urlencoded(request)
         else:
             form = await read_multipart(request, 65536, file_fields=())
             fields = form.fields

@@ -9,6 +9,7 @@ same body (the gateway) reads exactly what we read.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
 from multidict import CIMultiDictProxy
@@ -95,14 +96,33 @@ async def read_multipart(request: web.Request, limit: int, file_fields: tuple[st
     return form
 
 
-async def read_json_object(request: web.Request, limit: int = JSON_LIMIT) -> dict:
-    """A small JSON object body, read strictly (no duplicate keys)."""
+async def _read_small(request: web.Request, limit: int) -> bytes:
     check_length(request, limit)
     data = b""
     while len(data) <= limit and (chunk := await request.content.read(limit + 1 - len(data))):
         data += chunk
     if len(data) > limit:
         raise BodyError(413, "body-too-large", f"the body is larger than {limit} bytes")
+    return data
+
+
+async def read_urlencoded(request: web.Request, limit: int = JSON_LIMIT) -> dict[str, list[str]]:
+    """A small application/x-www-form-urlencoded body, every name with all its values."""
+    data = await _read_small(request, limit)
+    try:
+        pairs = parse_qsl(data.decode("ascii"), keep_blank_values=True, strict_parsing=bool(data),
+                          encoding="utf-8", errors="strict", max_num_fields=32)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BodyError(400, "malformed-body", f"the form body is malformed ({type(exc).__name__})") from None
+    fields: dict[str, list[str]] = {}
+    for name, value in pairs:
+        fields.setdefault(name, []).append(value)
+    return fields
+
+
+async def read_json_object(request: web.Request, limit: int = JSON_LIMIT) -> dict:
+    """A small JSON object body, read strictly (no duplicate keys)."""
+    data = await _read_small(request, limit)
     try:
         value = strict_json(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
