@@ -86,7 +86,7 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
     request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else str(uuid.uuid4())
     request["request_id"] = request_id
     try:
-        verify = request.app["settings"].verify_token
+        verify = request.app[SETTINGS].verify_token
         if verify is not None and request.match_info.route.name in API_ROUTES:
             try:
                 verify(request)
@@ -207,6 +207,8 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok", content_type="text/plain")
 
 
+SETTINGS = web.AppKey("settings", Settings)
+STORE = web.AppKey("store", Store)
 API_ROUTES = {"create_order", "read_order", "order_state", "download_document", "delete_order", "anonymize_user"}
 
 
@@ -215,10 +217,10 @@ def create_app(
 ) -> web.Application:
     # Bodies are streamed and bounded by the handlers; this bounds anything read whole.
     app = web.Application(middlewares=[_errors], client_max_size=settings.max_body_bytes)
-    app["settings"] = settings
+    app[SETTINGS] = settings
     store = Store(settings.data_dir / "reference.sqlite3")
     h = Handlers(settings, store, clock, new_id)
-    app["store"] = store
+    app[STORE] = store
     oid = "/orders/{order_id}"
     app.router.add_post("/orders", h.create_order, name="create_order")
     app.router.add_get(oid, h.read_order, name="read_order", allow_head=False)

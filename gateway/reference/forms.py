@@ -7,13 +7,14 @@ field it is about.
 
 from __future__ import annotations
 
-import json
 import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
+
+from gateway.strictjson import strict_json
 
 SOURCES = ("INTERNAL", "EXTERNAL")
 # The attributes the Signing Workflow server keeps about a person.
@@ -52,24 +53,6 @@ class NewOrder:
     tags: tuple[Any, ...]
     link_type: int
     options: tuple[dict, ...]
-
-
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"key {key!r} appears twice")
-        seen[key] = value
-    return seen
-
-
-def strict_json(text: str) -> Any:
-    """json.loads that refuses duplicate keys and NaN/Infinity: one reading only."""
-    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
 
 
 def _json_field(name: str, text: str) -> Any:
@@ -206,7 +189,8 @@ def parse_anonymize(fields: dict[str, list[Any]]) -> AnonymizeTarget:
             raise FieldError(name, "is not a field of POST /anonymize")
     given = [n for n in ANONYMIZE_FIELDS if fields.get(n)]
     if len(given) != 1:
-        raise FieldError("internalId", "give exactly one of internalId, externalId, ldapSearch")
+        field = given[1] if given else "internalId"
+        raise FieldError(field, "give exactly one of internalId, externalId, ldapSearch")
     name = given[0]
     values = fields[name]
     if len(values) > 1:
