@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from gateway import pki
 from gateway.config import ConfigError, load_config
 
 
@@ -22,6 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("reference-api", help="run only the reference Automation API (plain HTTP)")
     ref.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
     ref.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: reference_api.listen)")
+    pki.add_parser(sub)
     return p
 
 
@@ -33,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_reference(load_config(args.config), args.listen)
             return 0
+        if args.command == "certs":
+            return pki.cli_main(args)
         if args.command == "serve":
             load_config(args.config)
             print("gateway serve: the mTLS front door is not built yet; run `gateway reference-api` for the "
