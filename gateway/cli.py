@@ -38,10 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             return pki.cli_main(args)
         if args.command == "serve":
-            load_config(args.config)
-            print("gateway serve: the mTLS front door is not built yet; run `gateway reference-api` for the "
-                  "reference Automation API", file=sys.stderr)
-            return 2
+            from gateway.server import StartError, serve
+
+            try:
+                serve(load_config(args.config))
+            except StartError as exc:
+                print(f"gateway: {exc}", file=sys.stderr)
+                return 1
+            return 0
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1

@@ -7,7 +7,11 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
 
+from cryptography.hazmat.primitives import serialization
+
 from gateway.config import Config, ConfigError, parse_host_port
+from gateway.headers import IDENTITY_TOKEN_HEADER
+from gateway.token import TokenVerifier, load_or_create_key
 from gateway.reference.app import Settings, create_app
 from gateway.reference.directory import Directory, DirectoryError
 from gateway.reference.documents import SigningIdentity
@@ -25,12 +29,35 @@ def settings_from_config(config: Config) -> Settings:
         raise ConfigError(config.file, "reference_api.directory", str(exc)) from None
     ref.data_dir.mkdir(parents=True, exist_ok=True)
     return Settings(
+        verify_token=_token_check(config),
         data_dir=ref.data_dir,
         timezone=tz,
         directory=directory,
         signing=SigningIdentity.load_or_create(ref.data_dir, ref.signing_cert, ref.signing_key),
         max_body_bytes=config.limits.max_body_bytes,
     )
+
+
+def _token_check(config: Config):
+    """When identity_token is configured, Automation API calls need a valid token (else 401)."""
+    if config.identity_token is None:
+        return None
+    key_file = config.reference_api.identity_token_public_key
+    try:
+        if key_file is not None:
+            public = serialization.load_pem_public_key(key_file.read_bytes())
+        elif config.identity_token.key is not None:
+            public = load_or_create_key(config.identity_token.key).public_key()
+        else:
+            raise ConfigError(config.file, "identity_token.key", "is required")
+        verifier = TokenVerifier(public, config.identity_token.audience)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(config.file, "identity_token.key", str(exc)) from None
+
+    def check(request: web.Request) -> None:
+        verifier.verify(request.headers.get(IDENTITY_TOKEN_HEADER))
+
+    return check
 
 
 def run(config: Config, listen: str | None = None) -> None:

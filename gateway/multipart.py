@@ -1,0 +1,212 @@
+"""Bounded reading of request bodies, and the fields the policy needs from them.
+
+The body is spooled (memory up to a small threshold, then a temporary file)
+exactly as it arrived, so the upstream receives it byte for byte. The fields
+are read back out of the spool with aiohttp's own multipart parser, the same
+parser the reference API uses, so both read one body one way. What could be
+read two ways (a Content-Transfer-Encoding or Content-Encoding on a part,
+nested multipart, repeated fields, JSON with duplicate keys) is refused.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any, AsyncIterator
+from urllib.parse import parse_qsl
+
+from aiohttp import BodyPartReader, MultipartReader
+from multidict import CIMultiDict
+
+from gateway.strictjson import strict_json
+
+MEMORY_THRESHOLD = 256 * 1024
+CHUNK = 64 * 1024
+IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
+MAX_FIELD_BYTES = 64 * 1024
+
+
+class BodyRefused(Exception):
+    """The body cannot be inspected or is too large: 400, 413 or 415, never forwarded."""
+
+    def __init__(self, status: int, reason: str):
+        self.status, self.reason = status, reason
+        super().__init__(reason)
+
+
+class Spool:
+    """The request body as received, bounded by `limit` bytes."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.size = 0
+        self.file = tempfile.SpooledTemporaryFile(max_size=MEMORY_THRESHOLD)
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise BodyRefused(413, f"the body is larger than {self.limit} bytes")
+        self.file.write(chunk)
+
+    async def fill(self, chunks: AsyncIterator[bytes]) -> "Spool":
+        async for chunk in chunks:
+            self.write(chunk)
+        self.file.seek(0)
+        return self
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        self.file.seek(0)
+        while chunk := self.file.read(CHUNK):
+            yield chunk
+
+    def read_all(self) -> bytes:
+        self.file.seek(0)
+        return self.file.read()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class SpoolStream:
+    """The subset of aiohttp's StreamReader that MultipartReader uses, over a spool."""
+
+    def __init__(self, spool: Spool):
+        self._file = spool.file
+        self._file.seek(0)
+        self._pushed = b""
+        self._eof = False
+
+    def _take(self, n: int) -> bytes:
+        data, self._pushed = self._pushed[:n], self._pushed[n:]
+        if len(data) < n:
+            data += self._file.read(n - len(data))
+        if not data or (not self._pushed and self._file.tell() >= _size(self._file)):
+            self._eof = not self._pushed and self._file.tell() >= _size(self._file)
+        return data
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            data, self._pushed = self._pushed + self._file.read(), b""
+            self._eof = True
+            return data
+        return self._take(n)
+
+    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+        line = bytearray()
+        while True:
+            chunk = self._take(CHUNK)
+            if not chunk:
+                return bytes(line)
+            cut = chunk.find(b"\n")
+            if cut >= 0:
+                line += chunk[: cut + 1]
+                self.unread_data(chunk[cut + 1:])
+                if max_line_length and len(line) > max_line_length:
+                    raise ValueError("line too long")
+                return bytes(line)
+            line += chunk
+            if max_line_length and len(line) > max_line_length:
+                raise ValueError("line too long")
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._pushed
+
+    def unread_data(self, data: bytes) -> None:
+        if data:
+            self._pushed = data + self._pushed
+            self._eof = False
+
+
+def _size(f) -> int:
+    here = f.tell()
+    end = f.seek(0, 2)
+    f.seek(here)
+    return end
+
+
+def _check_part(part: Any) -> BodyPartReader:
+    if not isinstance(part, BodyPartReader):
+        raise BodyRefused(400, "nested multipart parts are not accepted")
+    cte = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
+    if cte not in IDENTITY_ENCODINGS:
+        raise BodyRefused(400, f"Content-Transfer-Encoding {cte!r} in a form part is not accepted")
+    if "Content-Encoding" in part.headers:
+        raise BodyRefused(400, "Content-Encoding in a form part is not accepted")
+    if part.name is None:
+        raise BodyRefused(400, "a form part has no name")
+    return part
+
+
+async def form_fields(spool: Spool, content_type: str, wanted: tuple[str, ...]) -> dict[str, list[str | Exception]]:
+    """The text of every part named in `wanted` (UTF-8; an Exception where it is not)."""
+    fields: dict[str, list[str | Exception]] = {}
+    try:
+        reader = MultipartReader(CIMultiDict({"Content-Type": content_type}), SpoolStream(spool))
+        while (part := await reader.next()) is not None:
+            part = _check_part(part)
+            keep = part.name in wanted
+            data = bytearray()
+            while chunk := await part.read_chunk():
+                if keep:
+                    data += chunk
+                    if len(data) > MAX_FIELD_BYTES:
+                        raise BodyRefused(400, f"{part.name}: is too long")
+            if keep:
+                try:
+                    fields.setdefault(part.name, []).append(data.decode("utf-8"))
+                except UnicodeDecodeError as exc:
+                    fields.setdefault(part.name, []).append(exc)
+    except BodyRefused:
+        raise
+    except (ValueError, AssertionError, RuntimeError, KeyError) as exc:
+        raise BodyRefused(400, f"the multipart body is malformed ({type(exc).__name__})") from None
+    return fields
+
+
+def json_value(text: str | Exception) -> Any:
+    """A field's JSON value, or the Exception that says why it has none."""
+    if isinstance(text, Exception):
+        return text
+    try:
+        return strict_json(text)
+    except (ValueError, RecursionError) as exc:
+        return ValueError(str(exc))
+
+
+async def anonymize_fields(spool: Spool, content_type: str, mimetype: str) -> dict[str, list[Any]]:
+    """POST /anonymize as multipart, urlencoded or JSON, read as the reference API reads it."""
+    names = ("internalId", "externalId", "ldapSearch")
+    if mimetype == "multipart/form-data":
+        fields = await form_fields(spool, content_type, names)
+        all_names = await _part_names(spool, content_type)
+        for name in all_names - set(names):
+            fields.setdefault(name, []).append("")
+        return fields
+    data = spool.read_all()
+    if mimetype == "application/x-www-form-urlencoded":
+        try:
+            pairs = parse_qsl(data.decode("ascii"), keep_blank_values=True, strict_parsing=bool(data),
+                              encoding="utf-8", errors="strict", max_num_fields=32)
+        except (UnicodeDecodeError, ValueError):
+            raise BodyRefused(400, "the form body is malformed") from None
+        fields: dict[str, list[Any]] = {}
+        for name, value in pairs:
+            fields.setdefault(name, []).append(value)
+        return fields
+    if mimetype == "application/json":
+        try:
+            value = strict_json(data.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise BodyRefused(400, "the body is not valid JSON") from None
+        if not isinstance(value, dict):
+            raise BodyRefused(400, "the body must be a JSON object")
+        return {k: [v] for k, v in value.items()}
+    raise BodyRefused(415, "the body must be multipart/form-data, application/x-www-form-urlencoded or JSON")
+
+
+async def _part_names(spool: Spool, content_type: str) -> set[str]:
+    names: set[str] = set()
+    reader = MultipartReader(CIMultiDict({"Content-Type": content_type}), SpoolStream(spool))
+    while (part := await reader.next()) is not None:
+        names.add(_check_part(part).name)
+        await part.release()
+    return names

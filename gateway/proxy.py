@@ -1,0 +1,289 @@
+"""The request pipeline as one aiohttp handler: the shell around the core.
+
+identity -> client policy -> operation -> decision (with the facts read from
+the body or the upstream) -> forward. Every step is a call into the core
+(identity, policy, operations, multipart, headers); this module only moves
+bytes and turns refusals into problem+json answers. Every answer, allowed or
+refused, leaves an Exchange behind for the audit log and metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import aiohttp
+from aiohttp import web
+from aiohttp.helpers import parse_mimetype
+
+from gateway.config import Config
+from gateway.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
+from gateway.identity import Identity, identity_from_der
+from gateway.multipart import CHUNK, BodyRefused, Spool, anonymize_fields, form_fields, json_value
+from gateway.operations import ORDER_SCOPED, Operation, Route, route
+from gateway.policy import (
+    Decision, Policy, PolicySet, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor, deny,
+)
+from gateway.problem import CONTENT_TYPE as PROBLEM_TYPE
+from gateway.problem import problem_bytes
+from gateway.token import TokenIssuer
+from gateway.upstream import Upstream, UpstreamTimeout, UpstreamUnavailable
+
+log = logging.getLogger("gateway.proxy")
+ANONYMIZE_LIMIT = 65536
+
+
+@dataclass
+class Exchange:
+    """What happened to one request: the facts the audit line and the metrics are made of."""
+
+    request_id: str
+    method: str
+    path: str
+    remote: str | None
+    started: float = field(default_factory=time.perf_counter)
+    identity: Identity | None = None
+    client: str = "unknown"
+    operation: str | None = None
+    order_id: str | None = None
+    solicitor: dict | None = None
+    decision: str = "deny"
+    reason: str = ""
+    status: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    upstream_seconds: float | None = None
+
+
+@dataclass
+class Gateway:
+    """What the pipeline works with; replaced whole on reload."""
+
+    config: Config
+    policies: PolicySet
+    upstream: Upstream
+    tokens: TokenIssuer | None
+    on_exchange: list[Callable[[Exchange], Any]] = field(default_factory=list)
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str, slug: str = "denied"):
+        self.status, self.reason, self.slug = status, reason, slug
+        super().__init__(reason)
+
+
+_SLUGS = {400: "bad-request", 403: "forbidden", 404: "not-found", 408: "request-timeout", 413: "body-too-large",
+          415: "unsupported-media-type", 502: "bad-gateway", 504: "gateway-timeout"}
+
+_identities: "weakref.WeakKeyDictionary[Any, Identity]" = weakref.WeakKeyDictionary()
+
+
+def peer_identity(request: web.Request) -> Identity | None:
+    """The verified client certificate's identity, parsed once a connection."""
+    transport = request.transport
+    if transport is None:
+        return None
+    identity = _identities.get(transport)
+    if identity is None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return None
+        identity = identity_from_der(der)
+        _identities[transport] = identity
+    return identity
+
+
+def problem_response(ex: Exchange, status: int, slug: str, detail: str) -> web.Response:
+    resp = web.Response(status=status, body=problem_bytes(status, slug, detail, ex.request_id),
+                        content_type=PROBLEM_TYPE)
+    resp.headers[REQUEST_ID_HEADER] = ex.request_id
+    return resp
+
+
+class Pipeline:
+    def __init__(self, gateway: Gateway):
+        self.gateway = gateway
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        gw = self.gateway  # one consistent view for the whole request, even across a reload
+        ex = Exchange(str(uuid.uuid4()), request.method, request.raw_path, request.remote)
+        request["exchange"] = ex
+        spool: Spool | None = None
+        try:
+            async with asyncio.timeout(gw.config.limits.request_timeout_s):
+                policy, rt = self._admit(gw, request, ex)
+                spool = await self._inspect(gw, request, ex, policy, rt)
+                response = await self._forward(gw, request, ex, rt, spool)
+        except Refused as exc:
+            ex.status, ex.reason = exc.status, exc.reason
+            response = problem_response(ex, exc.status, _SLUGS.get(exc.status, exc.slug), exc.reason)
+        except TimeoutError:
+            started = request.get("response")
+            if started is not None and started.prepared:
+                ex.reason = "request timeout while sending the response"
+                if request.transport is not None:
+                    request.transport.close()
+                response = started
+            else:
+                ex.status, ex.reason = (504, "upstream timeout") if ex.decision == "allow" else (
+                    408, "request timeout")
+                response = problem_response(ex, ex.status, _SLUGS[ex.status], ex.reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # never a traceback to the client
+            log.exception("unexpected error in %s %s", request.method, request.raw_path)
+            ex.status, ex.reason = 500, "internal error"
+            response = problem_response(ex, 500, "internal", "the gateway could not complete the request")
+        finally:
+            if spool is not None:
+                spool.close()
+        if not request.content.is_eof():
+            response.force_close()  # a refused body is not read on just to reuse the connection
+        self._done(gw, ex)
+        return response
+
+    def _done(self, gw: Gateway, ex: Exchange) -> None:
+        for hook in gw.on_exchange:
+            try:
+                hook(ex)
+            except Exception:  # a broken observer must not break the answer
+                log.exception("exchange hook failed")
+
+    # -- identity, client, operation ------------------------------------------
+
+    def _admit(self, gw: Gateway, request: web.Request, ex: Exchange) -> tuple[Policy, Route]:
+        identity = peer_identity(request)
+        ex.identity = identity
+        if identity is None:
+            raise Refused(403, "no verified client certificate")
+        policy, why = gw.policies.find(identity)
+        if policy is None:
+            raise Refused(403, why)
+        ex.client = policy.client
+        rt = route(request.method, request.raw_path)
+        if rt is None:
+            raise Refused(404, f"no operation {request.method} {request.raw_path}")
+        ex.operation, ex.order_id = rt.operation.value, rt.order_id
+        self._require(decide_operation(policy, rt.operation))
+        return policy, rt
+
+    @staticmethod
+    def _require(decision: Decision) -> None:
+        if not decision.allow:
+            raise Refused(decision.status, decision.reason)
+
+    # -- facts from the body or the upstream ------------------------------------
+
+    async def _inspect(self, gw: Gateway, request: web.Request, ex: Exchange, policy: Policy,
+                       rt: Route) -> Spool | None:
+        op = rt.operation
+        if op not in (Operation.CREATE_ORDER, Operation.ANONYMIZE_USER):
+            if has_body(request.headers):
+                raise Refused(400, f"{op.value} takes no request body")
+            if op in ORDER_SCOPED:
+                try:
+                    solicitor = await gw.upstream.order_solicitor(rt.order_id, self._headers(gw, request, ex))
+                except UpstreamUnavailable as exc:
+                    raise Refused(502, str(exc)) from None
+                except UpstreamTimeout as exc:
+                    raise Refused(504, str(exc)) from None
+                ex.solicitor = solicitor
+                self._require(decide_order_scope(policy, solicitor))
+            ex.decision, ex.reason = "allow", "allowed by policy"
+            return None
+
+        content_types = request.headers.getall("Content-Type", [])
+        if len(content_types) != 1:
+            raise Refused(415 if not content_types else 400, "exactly one Content-Type is needed")
+        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+            raise Refused(415, "compressed request bodies are not accepted")
+        limit = gw.config.limits.max_body_bytes
+        if op is Operation.CREATE_ORDER:
+            mime = parse_mimetype(content_types[0])
+            if (mime.type, mime.subtype) != ("multipart", "form-data") or not mime.parameters.get("boundary"):
+                raise Refused(415, "create_order needs a multipart/form-data body")
+            if policy.max_upload_bytes:
+                limit = min(limit, policy.max_upload_bytes)
+        else:
+            limit = min(limit, ANONYMIZE_LIMIT)
+        if request.content_length is not None and request.content_length > limit:
+            raise Refused(413, f"the body is larger than {limit} bytes")
+        spool = Spool(limit)
+        try:
+            await spool.fill(request.content.iter_chunked(CHUNK))
+            ex.bytes_in = spool.size
+            if op is Operation.CREATE_ORDER:
+                fields = await form_fields(spool, content_types[0], ("solicitor",))
+                values = [json_value(v) for v in fields.get("solicitor", [])]
+                if len(values) == 1 and isinstance(values[0], dict):
+                    ex.solicitor = {"source": values[0].get("source"), "identifier": values[0].get("identifier")}
+                self._require(decide_solicitor(policy, values))
+            else:
+                fields = await anonymize_fields(spool, content_types[0], request.content_type)
+                self._require(decide_anonymize(policy, fields))
+        except BodyRefused as exc:
+            spool.close()
+            raise Refused(exc.status, exc.reason) from None
+        except Refused:
+            spool.close()
+            raise
+        ex.decision, ex.reason = "allow", "allowed by policy"
+        return spool
+
+    # -- forwarding ----------------------------------------------------------------
+
+    def _headers(self, gw: Gateway, request: web.Request, ex: Exchange) -> dict[str, str]:
+        token = None
+        if gw.tokens is not None and ex.identity is not None:
+            token = gw.tokens.token(ex.client, ex.identity.fingerprint_sha256)
+        return upstream_request_headers(
+            request.headers.items(), request_id=ex.request_id, client_ip=request.remote or "", token=token,
+        )
+
+    async def _forward(self, gw: Gateway, request: web.Request, ex: Exchange, rt: Route,
+                       spool: Spool | None) -> web.StreamResponse:
+        headers = self._headers(gw, request, ex)
+        started = time.perf_counter()
+        try:
+            upstream = await gw.upstream.send(
+                request.method, rt.upstream_path, headers,
+                body=spool.chunks() if spool is not None else None,
+                length=spool.size if spool is not None else None,
+            )
+        except UpstreamUnavailable as exc:
+            raise Refused(502, str(exc)) from None
+        except UpstreamTimeout as exc:
+            raise Refused(504, str(exc)) from None
+        async with upstream:
+            ex.upstream_seconds = time.perf_counter() - started
+            if rt.operation is Operation.DELETE_ORDER and upstream.status < 300:
+                gw.upstream.solicitors.discard(rt.order_id)
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+            for name, value in client_response_headers(
+                (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
+            ):
+                response.headers.add(name, value)
+            if upstream.content_length is not None:
+                response.content_length = upstream.content_length
+            response.headers[REQUEST_ID_HEADER] = ex.request_id
+            ex.status = upstream.status
+            request["response"] = response
+            await response.prepare(request)
+            try:
+                async for chunk in upstream.content.iter_chunked(CHUNK):
+                    ex.bytes_out += len(chunk)
+                    await response.write(chunk)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                # Too late for a problem answer: cut the connection so the client sees a broken body.
+                ex.reason = "upstream failed while sending the response"
+                if request.transport is not None:
+                    request.transport.close()
+                return response
+            await response.write_eof()
+        return response

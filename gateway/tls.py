@@ -1,0 +1,79 @@
+"""The front door's TLS context: server certificate, client CA bundle, CRL.
+
+Client certificates are required and verified by OpenSSL during the handshake:
+chain to `tls.client_ca`, validity period, the clientAuth purpose (OpenSSL's
+SSL-client purpose check on the server side) and, when `tls.crl` is set, the
+CRL of the leaf (`crl_check: leaf`) or of every certificate in the chain
+(`chain`). A context is built whole and checked before it is used, so that a
+reload can swap it in at once or keep the old one.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from gateway.config import TLS
+
+
+class TLSConfigError(Exception):
+    """The TLS files cannot be used; one line naming the file and key."""
+
+
+@dataclass(frozen=True)
+class Expiry:
+    """Expiry facts for metrics: certificate label -> UNIX time."""
+
+    times: dict[str, float]
+
+
+def _need(tls: TLS, key: str) -> Path:
+    path = getattr(tls, key)
+    if path is None:
+        raise TLSConfigError(f"tls.{key}: is required")
+    if not Path(path).is_file():
+        raise TLSConfigError(f"tls.{key}: {path} does not exist")
+    return Path(path)
+
+
+def server_context(tls: TLS) -> ssl.SSLContext:
+    cert, key, cas = _need(tls, "cert"), _need(tls, "key"), _need(tls, "client_ca")
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSConfigError(f"tls.cert/tls.key: {cert} and {key} cannot be used together ({exc.__class__.__name__})") from None
+    try:
+        ctx.load_verify_locations(cafile=str(cas))
+    except (ssl.SSLError, OSError):
+        raise TLSConfigError(f"tls.client_ca: {cas} holds no usable CA certificate") from None
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    if tls.crl is not None:
+        crl = _need(tls, "crl")
+        try:
+            ctx.load_verify_locations(cafile=str(crl))
+        except (ssl.SSLError, OSError):
+            raise TLSConfigError(f"tls.crl: {crl} is not a PEM CRL") from None
+        ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN if tls.crl_check == "chain" else ssl.VERIFY_CRL_CHECK_LEAF
+    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    return ctx
+
+
+def expiry(tls: TLS) -> Expiry:
+    """Expiry times of the server certificate, each client CA and the CRL's next update."""
+    times: dict[str, float] = {}
+    if tls.cert and Path(tls.cert).is_file():
+        times["server"] = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes()).not_valid_after_utc.timestamp()
+    if tls.client_ca and Path(tls.client_ca).is_file():
+        for ca in x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes()):
+            times[f"client_ca:{ca.subject.rfc4514_string()}"] = ca.not_valid_after_utc.timestamp()
+    if tls.crl and Path(tls.crl).is_file():
+        crl = x509.load_pem_x509_crl(Path(tls.crl).read_bytes())
+        if crl.next_update_utc is not None:
+            times["crl_next_update"] = crl.next_update_utc.timestamp()
+    return Expiry(times)
