@@ -47,7 +47,7 @@ class TLSSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext,
                  handshake_timeout: float, reuse_port: bool = False):
-        super().__init__(runner, ssl_context=ssl_context, shutdown_timeout=10.0)
+        super().__init__(runner, ssl_context=ssl_context)
         self._host, self._port, self._reuse_port = host, port, reuse_port
         self._handshake_timeout = handshake_timeout
 
@@ -149,7 +149,7 @@ async def start(config: Config) -> Running:
     pipeline = Pipeline(gateway)
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", pipeline.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0,
                            keepalive_timeout=config.limits.header_timeout_s)
     await runner.setup()
     site = TLSSite(runner, config.listen.host, config.listen.port, ctx, config.limits.header_timeout_s)

@@ -154,3 +154,35 @@ def run_gateway():
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# -- the front door -------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def test_pki(tmp_path_factory):
+    from gateway_harness import build_pki
+
+    return build_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def recorder():
+    from gateway_harness import RecordingUpstream
+
+    return RecordingUpstream()
+
+
+@pytest.fixture
+async def recorder_url(aiohttp_server, recorder):
+    server = await aiohttp_server(recorder.app())
+    return f"http://127.0.0.1:{server.port}"
+
+
+@pytest.fixture
+async def gw(tmp_path, test_pki, recorder_url):
+    """The gateway in this process, in front of the recording upstream; yields its base URL."""
+    from gateway_harness import gateway_running, write_config
+
+    async with gateway_running(write_config(tmp_path, test_pki, recorder_url)) as (url, _):
+        yield url
