@@ -1,0 +1,116 @@
+"""Forwarding: the identity token, an upstream that is down or slow, slow clients, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import ssl
+import time
+
+import jwt
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from conftest import free_port
+from gateway_harness import ORDER_CRM, ORDER_SLOW, client_context, gateway_running, session, write_config
+
+
+async def get(test_pki, client, url):
+    async with session(test_pki, test_pki.client(client)) as s:
+        async with s.get(url) as resp:
+            return resp.status, await resp.read(), resp
+
+
+async def test_identity_token_names_client_and_certificate(tmp_path, test_pki, recorder, recorder_url):
+    key = tmp_path / "token.key"
+    config = write_config(tmp_path, test_pki, recorder_url,
+                          identity_token={"key": str(key), "audience": "automation-api", "ttl_s": 60})
+    async with gateway_running(config) as (url, _):
+        status, _, _ = await get(test_pki, "crm", f"{url}/orders/{ORDER_CRM}/state")
+    assert status == 200
+    public = serialization.load_pem_private_key(key.read_bytes(), None).public_key()
+    cert_der = x509.load_pem_x509_certificate(test_pki.client("crm")[0].read_bytes()).public_bytes(
+        serialization.Encoding.DER)
+    fingerprint = ":".join(f"{b:02X}" for b in hashlib.sha256(cert_der).digest())
+    assert len(recorder.seen) == 2  # the order look-up and the call itself both carry the token
+    for seen in recorder.seen:
+        token = dict((k.lower(), v) for k, v in seen.headers)["x-identity-token"]
+        claims = jwt.decode(token, public, algorithms=["ES256"], audience="automation-api")
+        assert claims["sub"] == "crm" and claims["fingerprint_sha256"] == fingerprint
+        assert claims["exp"] - claims["iat"] == 60
+
+
+async def test_upstream_down_is_502(tmp_path, test_pki):
+    config = write_config(tmp_path, test_pki, f"http://127.0.0.1:{free_port()}")
+    async with gateway_running(config) as (url, _):
+        status, body, resp = await get(test_pki, "crm", f"{url}/orders/{ORDER_CRM}/state")
+    assert status == 502 and resp.content_type == "application/problem+json"
+    assert b"Traceback" not in body and b"cannot be reached" in body
+
+
+async def test_upstream_slower_than_timeout_is_504(gw, test_pki, recorder):
+    started = time.monotonic()
+    status, body, resp = await get(test_pki, "crm", f"{gw}/orders/{ORDER_SLOW}/state")
+    assert status == 504 and resp.content_type == "application/problem+json"
+    assert time.monotonic() - started < 4.5  # upstream.timeout_s is 2; the upstream would take 5
+
+
+async def test_large_download_is_streamed(tmp_path, test_pki, recorder, recorder_url):
+    recorder.document_bytes = 8 * 1024 * 1024
+    async with gateway_running(write_config(tmp_path, test_pki, recorder_url)) as (url, _):
+        async with session(test_pki, test_pki.client("crm")) as s:
+            async with s.get(f"{url}/orders/{ORDER_CRM}/document") as resp:
+                assert resp.status == 200
+                assert resp.content_length == recorder.document_bytes
+                total = 0
+                async for chunk in resp.content.iter_chunked(1 << 16):
+                    total += len(chunk)
+    assert total == recorder.document_bytes
+
+
+def _tls_socket(test_pki, port: int) -> ssl.SSLSocket:
+    ctx = client_context(test_pki, test_pki.client("crm"))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return ctx.wrap_socket(raw, server_hostname="localhost")
+
+
+async def test_slow_client_headers_are_cut_off(gw, test_pki, recorder):
+    port = int(gw.rsplit(":", 1)[1])
+
+    def slowloris() -> float:
+        started = time.monotonic()
+        with _tls_socket(test_pki, port) as sock:
+            sock.sendall(b"GET /orders/" + ORDER_CRM.encode() + b"/state HTTP/1.1\r\nHost: x\r\n")
+            try:
+                while time.monotonic() - started < 8:
+                    sock.sendall(b"X-Slow: 1\r\n")  # never finishes the headers
+                    sock.settimeout(0.5)
+                    try:
+                        if sock.recv(1) == b"":
+                            break
+                    except socket.timeout:
+                        continue
+            except (ConnectionError, ssl.SSLError, OSError):
+                pass
+        return time.monotonic() - started
+
+    elapsed = await asyncio.get_running_loop().run_in_executor(None, slowloris)
+    assert elapsed < 5, f"the connection stayed open {elapsed:.1f}s; header_timeout_s is 2"
+    assert recorder.seen == []
+
+
+async def test_silent_connection_without_handshake_is_closed(gw):
+    port = int(gw.rsplit(":", 1)[1])
+
+    def silent() -> float:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=8) as sock:
+            try:
+                sock.recv(1)
+            except (socket.timeout, ConnectionError):
+                pass
+        return time.monotonic() - started
+
+    assert await asyncio.get_running_loop().run_in_executor(None, silent) < 5
