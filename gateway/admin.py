@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway.ratelimit import StorageError
 
 PIPELINE = web.AppKey("pipeline", object)
 
@@ -14,19 +17,32 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok\n", content_type="text/plain")
 
 
+async def readiness(gateway) -> dict[str, str]:
+    """What does not work now, by part: the upstream, the audit log, the rate-limit storage."""
+    problems = {}
+    checks = [gateway.upstream.ready()]
+    if gateway.limiter is not None:
+        checks.append(gateway.limiter.ping())
+    results = await asyncio.gather(*checks, return_exceptions=True)
+    if results[0]:
+        problems["upstream"] = str(results[0])
+    if len(results) > 1 and isinstance(results[1], (StorageError, Exception)):
+        problems["rate_limit"] = str(results[1])
+    if gateway.audit is not None and not gateway.audit.healthy:
+        problems["audit"] = gateway.audit.problem
+    return problems
+
+
 async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[PIPELINE].gateway
-    problems = {}
-    why = await gateway.upstream.ready()
-    if why:
-        problems["upstream"] = why
-    status = 503 if problems else 200
+    problems = await readiness(gateway)
+    gateway.metrics.ready.set(0 if problems else 1)
     body = {"ready": not problems, "problems": problems}
-    return web.Response(status=status, text=json.dumps(body), content_type="application/json")
+    return web.Response(status=503 if problems else 200, text=json.dumps(body), content_type="application/json")
 
 
 async def metrics(request: web.Request) -> web.Response:
-    resp = web.Response(body=generate_latest())
+    resp = web.Response(body=request.app[PIPELINE].gateway.metrics.render())
     resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return resp
 

@@ -24,7 +24,37 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
     ref.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: reference_api.listen)")
     pki.add_parser(sub)
+
+    audit = sub.add_parser("audit", help="work with the audit log")
+    audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
+    verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
+    verify.add_argument("file", help="the audit log (JSON lines)")
+    verify.add_argument("-c", "--config", help="config file whose audit.key_file keys the chain "
+                        "(default: $GATEWAY_CONFIG or ./config.yaml when present)")
     return p
+
+
+def _audit_verify(args) -> int:
+    import os
+    from pathlib import Path
+
+    from gateway.audit import verify
+    from gateway.audit_writer import load_key
+
+    key = None
+    config_file = args.config or os.environ.get("GATEWAY_CONFIG") or ("config.yaml" if Path("config.yaml").is_file() else None)
+    if config_file:
+        try:
+            key = load_key(load_config(config_file).audit.key_file)
+        except ValueError as exc:
+            raise ConfigError(config_file, "audit.key_file", str(exc)) from None
+    with open(args.file, "rb") as f:
+        result = verify(f, key)
+    if result.ok:
+        print(f"OK {result.records} records")
+        return 0
+    print(f"{args.file}: line {result.bad_line}: {result.why}", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
 
             run_reference(load_config(args.config), args.listen)
             return 0
+        if args.command == "audit":
+            return _audit_verify(args)
         if args.command == "certs":
             return pki.cli_main(args)
         if args.command == "serve":

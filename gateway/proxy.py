@@ -15,12 +15,14 @@ import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import aiohttp
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
 
+from gateway.audit import record_of
+from gateway.audit_writer import AuditWriter
 from gateway.config import Config
 from gateway.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
 from gateway.identity import Identity, identity_from_der
@@ -31,6 +33,8 @@ from gateway.policy import (
 )
 from gateway.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.problem import problem_bytes
+from gateway.ratelimit import StorageError, Storage, limits_for
+from gateway.metrics import Metrics
 from gateway.token import TokenIssuer
 from gateway.upstream import Upstream, UpstreamTimeout, UpstreamUnavailable
 
@@ -54,31 +58,39 @@ class Exchange:
     solicitor: dict | None = None
     decision: str = "deny"
     reason: str = ""
+    code: str = ""                  # fixed reason code of a denial (metrics label)
+    would_deny: str | None = None   # report mode: the code of the denial that was not enforced
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
     upstream_seconds: float | None = None
+    limit_headers: dict[str, str] | None = None
 
 
 @dataclass
 class Gateway:
-    """What the pipeline works with; replaced whole on reload."""
+    """What the pipeline works with; replaced whole on reload (the services in it are kept)."""
 
     config: Config
     policies: PolicySet
     upstream: Upstream
     tokens: TokenIssuer | None
-    on_exchange: list[Callable[[Exchange], Any]] = field(default_factory=list)
+    metrics: Metrics
+    audit: AuditWriter | None = None
+    limiter: Storage | None = None
 
 
 class Refused(Exception):
-    def __init__(self, status: int, reason: str, slug: str = "denied"):
-        self.status, self.reason, self.slug = status, reason, slug
+    """Answer with a problem instead of forwarding; `code` is the fixed reason code."""
+
+    def __init__(self, status: int, reason: str, code: str, headers: dict[str, str] | None = None):
+        self.status, self.reason, self.code, self.headers = status, reason, code, headers
         super().__init__(reason)
 
 
 _SLUGS = {400: "bad-request", 403: "forbidden", 404: "not-found", 408: "request-timeout", 413: "body-too-large",
-          415: "unsupported-media-type", 502: "bad-gateway", 504: "gateway-timeout"}
+          415: "unsupported-media-type", 429: "rate-limited", 500: "internal", 502: "bad-gateway",
+          503: "unavailable", 504: "gateway-timeout"}
 
 _identities: "weakref.WeakKeyDictionary[Any, Identity]" = weakref.WeakKeyDictionary()
 
@@ -117,12 +129,17 @@ class Pipeline:
         spool: Spool | None = None
         try:
             async with asyncio.timeout(gw.config.limits.request_timeout_s):
+                if gw.audit is not None and not gw.audit.healthy:
+                    raise Refused(503, "the audit log cannot be written, so nothing is served", "audit_unavailable")
                 policy, rt = self._admit(gw, request, ex)
+                await self._limit(gw, ex, policy, rt)
                 spool = await self._inspect(gw, request, ex, policy, rt)
                 response = await self._forward(gw, request, ex, rt, spool)
         except Refused as exc:
-            ex.status, ex.reason = exc.status, exc.reason
-            response = problem_response(ex, exc.status, _SLUGS.get(exc.status, exc.slug), exc.reason)
+            ex.status, ex.reason, ex.code = exc.status, exc.reason, exc.code
+            response = problem_response(ex, exc.status, _SLUGS.get(exc.status, "denied"), exc.reason)
+            if exc.headers:
+                response.headers.update(exc.headers)
         except TimeoutError:
             started = request.get("response")
             if started is not None and started.prepared:
@@ -133,27 +150,42 @@ class Pipeline:
             else:
                 ex.status, ex.reason = (504, "upstream timeout") if ex.decision == "allow" else (
                     408, "request timeout")
+                ex.code = "timeout"
                 response = problem_response(ex, ex.status, _SLUGS[ex.status], ex.reason)
         except asyncio.CancelledError:
             raise
         except Exception:  # never a traceback to the client
             log.exception("unexpected error in %s %s", request.method, request.raw_path)
-            ex.status, ex.reason = 500, "internal error"
+            ex.status, ex.reason, ex.code = 500, "internal error", "internal"
             response = problem_response(ex, 500, "internal", "the gateway could not complete the request")
         finally:
             if spool is not None:
                 spool.close()
+        if ex.limit_headers and not response.prepared:
+            response.headers.update(ex.limit_headers)
         if not request.content.is_eof():
             response.force_close()  # a refused body is not read on just to reuse the connection
+        if not response.prepared and response.body is not None:
+            ex.bytes_out = len(response.body)
         self._done(gw, ex)
         return response
 
     def _done(self, gw: Gateway, ex: Exchange) -> None:
-        for hook in gw.on_exchange:
-            try:
-                hook(ex)
-            except Exception:  # a broken observer must not break the answer
-                log.exception("exchange hook failed")
+        """Count and audit the exchange once it is answered."""
+        duration = time.perf_counter() - ex.started
+        m, op = gw.metrics, ex.operation or "none"
+        m.requests.labels(ex.client, op, str(ex.status)).inc()
+        m.duration.labels(op).observe(duration)
+        if ex.decision == "deny":
+            m.denied.labels(ex.client, ex.code or "denied").inc()
+        if ex.would_deny:
+            m.would_deny.labels(ex.client, ex.would_deny).inc()
+        if ex.code == "rate_limited":
+            m.rate_limited.labels(ex.client, op).inc()
+        if ex.upstream_seconds is not None:
+            m.upstream_duration.labels(op).observe(ex.upstream_seconds)
+        if gw.audit is not None:
+            gw.audit.submit(record_of(ex, time.time(), duration))
 
     # -- identity, client, operation ------------------------------------------
 
@@ -161,22 +193,47 @@ class Pipeline:
         identity = peer_identity(request)
         ex.identity = identity
         if identity is None:
-            raise Refused(403, "no verified client certificate")
+            raise Refused(403, "no verified client certificate", "no_certificate")
         policy, why = gw.policies.find(identity)
         if policy is None:
-            raise Refused(403, why)
+            raise Refused(403, why, "unknown_client")
         ex.client = policy.client
         rt = route(request.method, request.raw_path)
         if rt is None:
-            raise Refused(404, f"no operation {request.method} {request.raw_path}")
+            raise Refused(404, f"no operation {request.method} {request.raw_path}", "no_operation")
         ex.operation, ex.order_id = rt.operation.value, rt.order_id
-        self._require(decide_operation(policy, rt.operation))
+        self._require(decide_operation(policy, rt.operation), policy, ex)
         return policy, rt
 
     @staticmethod
-    def _require(decision: Decision) -> None:
-        if not decision.allow:
-            raise Refused(decision.status, decision.reason)
+    def _require(decision: Decision, policy: Policy, ex: Exchange) -> None:
+        """Enforce a policy decision; in report mode a refusal is only noted and the call goes on."""
+        if decision.allow:
+            return
+        if policy.mode == "report" and decision.status in (403, 404):
+            ex.would_deny = decision.code
+            ex.reason = f"would deny: {decision.reason}"
+            return
+        raise Refused(decision.status, decision.reason, decision.code)
+
+    async def _limit(self, gw: Gateway, ex: Exchange, policy: Policy, rt: Route) -> None:
+        """The client's and the operation's rate limits, before any body is read."""
+        if gw.limiter is None:
+            return
+        cells = limits_for(policy, rt.operation)
+        if not cells:
+            return
+        try:
+            verdict = await gw.limiter.check(cells)
+        except StorageError as exc:
+            if gw.config.rate_limit.on_storage_error == "allow":
+                log.warning("%s; allowing (on_storage_error: allow)", exc)
+                return
+            raise Refused(503, "the rate-limit storage is unavailable", "ratelimit_storage") from None
+        ex.limit_headers = verdict.headers()
+        if not verdict.allowed:
+            raise Refused(429, f"rate limit of client {policy.client} exceeded", "rate_limited",
+                          headers=ex.limit_headers)
 
     # -- facts from the body or the upstream ------------------------------------
 
@@ -185,35 +242,36 @@ class Pipeline:
         op = rt.operation
         if op not in (Operation.CREATE_ORDER, Operation.ANONYMIZE_USER):
             if has_body(request.headers):
-                raise Refused(400, f"{op.value} takes no request body")
+                raise Refused(400, f"{op.value} takes no request body", "bad_request")
             if op in ORDER_SCOPED:
                 try:
                     solicitor = await gw.upstream.order_solicitor(rt.order_id, self._headers(gw, request, ex))
                 except UpstreamUnavailable as exc:
-                    raise Refused(502, str(exc)) from None
+                    raise Refused(502, str(exc), "upstream_unavailable") from None
                 except UpstreamTimeout as exc:
-                    raise Refused(504, str(exc)) from None
+                    raise Refused(504, str(exc), "upstream_timeout") from None
                 ex.solicitor = solicitor
-                self._require(decide_order_scope(policy, solicitor))
-            ex.decision, ex.reason = "allow", "allowed by policy"
+                self._require(decide_order_scope(policy, solicitor), policy, ex)
+            ex.decision = "allow"
+            ex.reason = ex.reason or "allowed by policy"
             return None
 
         content_types = request.headers.getall("Content-Type", [])
         if len(content_types) != 1:
-            raise Refused(415 if not content_types else 400, "exactly one Content-Type is needed")
+            raise Refused(415 if not content_types else 400, "exactly one Content-Type is needed", "bad_body")
         if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
-            raise Refused(415, "compressed request bodies are not accepted")
+            raise Refused(415, "compressed request bodies are not accepted", "bad_body")
         limit = gw.config.limits.max_body_bytes
         if op is Operation.CREATE_ORDER:
             mime = parse_mimetype(content_types[0])
             if (mime.type, mime.subtype) != ("multipart", "form-data") or not mime.parameters.get("boundary"):
-                raise Refused(415, "create_order needs a multipart/form-data body")
+                raise Refused(415, "create_order needs a multipart/form-data body", "bad_body")
             if policy.max_upload_bytes:
                 limit = min(limit, policy.max_upload_bytes)
         else:
             limit = min(limit, ANONYMIZE_LIMIT)
         if request.content_length is not None and request.content_length > limit:
-            raise Refused(413, f"the body is larger than {limit} bytes")
+            raise Refused(413, f"the body is larger than {limit} bytes", "body_too_large")
         spool = Spool(limit)
         try:
             await spool.fill(request.content.iter_chunked(CHUNK))
@@ -223,17 +281,18 @@ class Pipeline:
                 values = [json_value(v) for v in fields.get("solicitor", [])]
                 if len(values) == 1 and isinstance(values[0], dict):
                     ex.solicitor = {"source": values[0].get("source"), "identifier": values[0].get("identifier")}
-                self._require(decide_solicitor(policy, values))
+                self._require(decide_solicitor(policy, values), policy, ex)
             else:
                 fields = await anonymize_fields(spool, content_types[0], request.content_type)
-                self._require(decide_anonymize(policy, fields))
+                self._require(decide_anonymize(policy, fields), policy, ex)
         except BodyRefused as exc:
             spool.close()
-            raise Refused(exc.status, exc.reason) from None
+            raise Refused(exc.status, exc.reason, "body_too_large" if exc.status == 413 else "bad_body") from None
         except Refused:
             spool.close()
             raise
-        ex.decision, ex.reason = "allow", "allowed by policy"
+        ex.decision = "allow"
+        ex.reason = ex.reason or "allowed by policy"
         return spool
 
     # -- forwarding ----------------------------------------------------------------
@@ -257,9 +316,9 @@ class Pipeline:
                 length=spool.size if spool is not None else None,
             )
         except UpstreamUnavailable as exc:
-            raise Refused(502, str(exc)) from None
+            raise Refused(502, str(exc), "upstream_unavailable") from None
         except UpstreamTimeout as exc:
-            raise Refused(504, str(exc)) from None
+            raise Refused(504, str(exc), "upstream_timeout") from None
         async with upstream:
             ex.upstream_seconds = time.perf_counter() - started
             if rt.operation is Operation.DELETE_ORDER and upstream.status < 300:
@@ -272,6 +331,8 @@ class Pipeline:
             if upstream.content_length is not None:
                 response.content_length = upstream.content_length
             response.headers[REQUEST_ID_HEADER] = ex.request_id
+            if ex.limit_headers:
+                response.headers.update(ex.limit_headers)
             ex.status = upstream.status
             request["response"] = response
             await response.prepare(request)

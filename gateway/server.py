@@ -26,7 +26,12 @@ from gateway.admin import admin_app
 from gateway.config import Config, parse_host_port
 from gateway.policy import PolicyError, load_policies
 from gateway.proxy import Gateway, Pipeline
-from gateway.tls import TLSConfigError, server_context
+from gateway.tls import TLSConfigError, expiry, server_context
+from gateway.tls_listener import ContextHolder, TLSSite
+from gateway.audit import Redactor
+from gateway.audit_writer import AuditWriter, load_key, redaction_key
+from gateway.metrics import Metrics
+from gateway.ratelimit import Storage, storage_from_url
 from gateway.token import TokenIssuer, load_or_create_key
 from gateway.upstream import Upstream
 
@@ -40,28 +45,6 @@ class StartError(Exception):
 def event(kind: str, **fields) -> None:
     """One JSON line on stdout: the operational log, apart from the audit log."""
     print(json.dumps({"ts": time.time(), "event": kind, **fields}), flush=True)
-
-
-class TLSSite(web.BaseSite):
-    """Like web.TCPSite, with the TLS handshake bounded in time."""
-
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, ssl_context: ssl.SSLContext,
-                 handshake_timeout: float, reuse_port: bool = False):
-        super().__init__(runner, ssl_context=ssl_context)
-        self._host, self._port, self._reuse_port = host, port, reuse_port
-        self._handshake_timeout = handshake_timeout
-
-    @property
-    def name(self) -> str:
-        return f"https://{self._host}:{self._port}"
-
-    async def start(self) -> None:
-        await super().start()
-        self._server = await asyncio.get_running_loop().create_server(
-            self._runner.server, self._host, self._port, ssl=self._ssl_context, backlog=self._backlog,
-            reuse_address=True, reuse_port=self._reuse_port or None,
-            ssl_handshake_timeout=self._handshake_timeout,
-        )
 
 
 class EmbeddedReference:
@@ -101,7 +84,8 @@ class EmbeddedReference:
                 self.proc.wait()
 
 
-def build_gateway(config: Config, upstream_url: str) -> Gateway:
+def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: AuditWriter | None,
+                  limiter: Storage | None) -> Gateway:
     """Everything the pipeline needs, checked; raises StartError with one line."""
     try:
         policies = load_policies(config.policies)
@@ -116,8 +100,8 @@ def build_gateway(config: Config, upstream_url: str) -> Gateway:
             tokens = TokenIssuer(key, config.identity_token.audience, config.identity_token.ttl_s)
         except (OSError, ValueError) as exc:
             raise StartError(f"{config.file}: identity_token.key: {exc}") from None
-    upstream = Upstream(upstream_url, config.upstream.timeout_s)
-    return Gateway(config=config, policies=policies, upstream=upstream, tokens=tokens)
+    return Gateway(config=config, policies=policies, upstream=upstream, tokens=tokens, metrics=metrics,
+                   audit=audit, limiter=limiter)
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
@@ -127,57 +111,90 @@ def tls_context(config: Config) -> ssl.SSLContext:
         raise StartError(f"{config.file}: {exc}") from None
 
 
+def audit_writer(config: Config, metrics: Metrics) -> AuditWriter:
+    try:
+        key = load_key(config.audit.key_file)
+    except (OSError, ValueError) as exc:
+        raise StartError(f"{config.file}: audit.key_file: {exc}") from None
+    redactor = Redactor(config.audit.redact, redaction_key(config.audit.path, key)) if config.audit.redact else None
+    return AuditWriter(config.audit.path, key, redactor, on_written=metrics.audit_records.inc,
+                       on_dropped=metrics.audit_dropped.inc)
+
+
+def limiter_storage(config: Config) -> Storage | None:
+    try:
+        return storage_from_url(config.rate_limit.storage)
+    except ValueError as exc:
+        raise StartError(f"{config.file}: {exc}") from None
+
+
 @dataclass
 class Running:
-    gateway: Gateway
+    pipeline: Pipeline
+    contexts: ContextHolder
     runner: web.AppRunner
     admin_runner: web.AppRunner
     reference: EmbeddedReference | None
 
+    @property
+    def gateway(self) -> Gateway:
+        return self.pipeline.gateway
+
 
 async def start(config: Config) -> Running:
-    ctx = tls_context(config)
+    metrics = Metrics()
+    contexts = ContextHolder(tls_context(config))
+    metrics.set_expiry(expiry(config.tls).times)
     reference = None
     upstream_url = config.upstream.url
     if upstream_url == "embedded":
         reference = EmbeddedReference(config)
         upstream_url = reference.url
-    gateway = build_gateway(config, upstream_url)
+    limiter = limiter_storage(config)
+    audit = audit_writer(config, metrics)
+    gateway = build_gateway(config, Upstream(upstream_url, config.upstream.timeout_s), metrics, audit, limiter)
     if reference is not None:
         await asyncio.get_running_loop().run_in_executor(None, reference.start)
     await gateway.upstream.start()
+    await audit.start()
     pipeline = Pipeline(gateway)
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0,
                            keepalive_timeout=config.limits.header_timeout_s)
     await runner.setup()
-    site = TLSSite(runner, config.listen.host, config.listen.port, ctx, config.limits.header_timeout_s)
+    on_failure = lambda reason: metrics.handshake_failures.labels(reason).inc()  # noqa: E731
+    site = TLSSite(runner, config.listen.host, config.listen.port, contexts, config.limits.header_timeout_s,
+                   on_failure)
     admin_runner = web.AppRunner(admin_app(pipeline), access_log=None, handle_signals=False)
     await admin_runner.setup()
+    running = Running(pipeline, contexts, runner, admin_runner, reference)
     try:
         await site.start()
         await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
     except OSError as exc:
-        await runner.cleanup()
-        await admin_runner.cleanup()
-        await gateway.upstream.close()
-        if reference is not None:
-            reference.stop()
+        await stop(running, quiet=True)
         raise StartError(f"cannot listen: {exc.strerror or exc}") from None
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
           admin=f"http://{config.admin.host}:{config.admin.port}", upstream=upstream_url,
-          clients=[p.client for p in gateway.policies.policies])
-    return Running(gateway, runner, admin_runner, reference)
+          clients=[p.client for p in gateway.policies.policies], rate_limit=config.rate_limit.storage,
+          audit=str(config.audit.path))
+    return running
 
 
-async def stop(running: Running) -> None:
+async def stop(running: Running, quiet: bool = False) -> None:
+    gw = running.gateway
     await running.runner.cleanup()
     await running.admin_runner.cleanup()
-    await running.gateway.upstream.close()
+    await gw.upstream.close()
+    if gw.audit is not None:
+        await gw.audit.close()
+    if gw.limiter is not None:
+        await gw.limiter.close()
     if running.reference is not None:
         running.reference.stop()
-    event("stop")
+    if not quiet:
+        event("stop")
 
 
 async def _main(config: Config) -> None:

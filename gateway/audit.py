@@ -1,0 +1,137 @@
+"""The audit log: one chained JSON line for every request that reached HTTP.
+
+Each line's `hash` covers the line's canonical form, which includes `prev`,
+the hash of the line before it (SHA-256, or HMAC-SHA256 when a key is set).
+Changing, removing or moving a line breaks the chain at that line, and
+`verify` names it. The canonical form is the one used both to write and to
+verify: the record without `hash`, as compact JSON with sorted keys.
+
+Fields listed in `audit.redact` (dotted paths such as solicitor.identifier)
+are written as a keyed hash, so one person can be followed across lines
+without being named. This module is pure; audit_writer.py writes the lines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterable
+
+GENESIS = "0" * 64
+REDACTED_PREFIX = "hmac-sha256:"
+
+
+def canonical(record: dict) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def line_hash(body: bytes, key: bytes | None) -> str:
+    if key:
+        return hmac.new(key, body, hashlib.sha256).hexdigest()
+    return hashlib.sha256(body).hexdigest()
+
+
+def seal(record: dict, prev: str, key: bytes | None) -> tuple[bytes, str]:
+    """The line to write (with its newline) and its hash, chained to `prev`."""
+    sealed = {**record, "prev": prev}
+    sealed.pop("hash", None)
+    digest = line_hash(canonical(sealed), key)
+    sealed["hash"] = digest
+    return canonical(sealed) + b"\n", digest
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int
+    bad_line: int | None = None
+    why: str = ""
+
+
+def verify(lines: Iterable[bytes], key: bytes | None) -> VerifyResult:
+    """Check a whole log; the first changed, removed, moved or torn line is reported (1-based)."""
+    prev = GENESIS
+    count = 0
+    for number, raw in enumerate(lines, start=1):
+        if not raw.endswith(b"\n"):
+            return VerifyResult(False, count, number, "torn line: the last line is incomplete")
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            return VerifyResult(False, count, number, "not a JSON record")
+        if not isinstance(record, dict) or not isinstance(record.get("hash"), str):
+            return VerifyResult(False, count, number, "not an audit record")
+        claimed = record.pop("hash")
+        if line_hash(canonical(record), key) != claimed:
+            return VerifyResult(False, count, number, "the line was changed (its hash does not match)")
+        if record.get("prev") != prev:
+            return VerifyResult(False, count, number,
+                                "the chain is broken before this line (a line was removed or moved)")
+        prev = claimed
+        count += 1
+    return VerifyResult(True, count)
+
+
+def last_hash(tail: bytes) -> str | None:
+    """The hash of the last complete record in the end of a log, to continue its chain."""
+    for raw in reversed(tail.split(b"\n")[:-1]):
+        try:
+            record = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("hash"), str):
+            return record["hash"]
+    return None
+
+
+class Redactor:
+    """Replaces the listed dotted fields with a keyed hash of their value."""
+
+    def __init__(self, fields: Iterable[str], key: bytes):
+        self.paths = [tuple(f.split(".")) for f in fields]
+        self.key = key
+
+    def pseudonym(self, value: Any) -> str:
+        text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        return REDACTED_PREFIX + hmac.new(self.key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
+
+    def apply(self, record: dict) -> dict:
+        for path in self.paths:
+            node = record
+            for part in path[:-1]:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict) and node.get(path[-1]) is not None:
+                node[path[-1]] = self.pseudonym(node[path[-1]])
+        return record
+
+
+def timestamp(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def record_of(ex: Any, now: float, duration_s: float) -> dict:
+    """The audit record of one Exchange (see proxy.py), before redaction and sealing."""
+    record = {
+        "ts": timestamp(now),
+        "request_id": ex.request_id,
+        "client": ex.client,
+        "cert": ex.identity.audit_fields() if ex.identity is not None else None,
+        "remote": ex.remote,
+        "method": ex.method,
+        "path": ex.path,
+        "operation": ex.operation,
+        "order_id": ex.order_id,
+        "solicitor": dict(ex.solicitor) if ex.solicitor else None,
+        "decision": ex.decision,
+        "reason": ex.reason,
+        "status": ex.status,
+        "bytes_in": ex.bytes_in,
+        "bytes_out": ex.bytes_out,
+        "duration_ms": round(duration_s * 1000, 3),
+    }
+    if ex.would_deny:
+        record["would_deny"] = ex.would_deny
+    return record

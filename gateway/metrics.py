@@ -1,0 +1,51 @@
+"""The Prometheus metrics, all in one place, in a registry of the gateway's own.
+
+Label values come only from bounded sets: policy names (or "unknown"), the six
+operations (or "none"), status codes, and fixed reason codes, never from
+anything a client sends.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter("gateway_requests_total", "Requests answered, by client, operation and status",
+                                ["client", "operation", "status"], registry=r)
+        self.denied = Counter("gateway_denied_total", "Requests refused, by client and reason code",
+                              ["client", "reason"], registry=r)
+        self.would_deny = Counter("gateway_would_deny_total",
+                                  "Requests a policy in report mode would have refused, by client and reason code",
+                                  ["client", "reason"], registry=r)
+        self.rate_limited = Counter("gateway_rate_limited_total", "Requests refused by a rate limit",
+                                    ["client", "operation"], registry=r)
+        self.duration = Histogram("gateway_request_duration_seconds", "Time from request to the end of the answer",
+                                  ["operation"], buckets=BUCKETS, registry=r)
+        self.upstream_duration = Histogram("gateway_upstream_duration_seconds",
+                                           "Time the upstream took to answer (to its response headers)",
+                                           ["operation"], buckets=BUCKETS, registry=r)
+        self.handshake_failures = Counter("gateway_tls_handshake_failures_total", "Refused TLS handshakes",
+                                          ["reason"], registry=r)
+        self.certificate_expiry = Gauge("gateway_certificate_expiry_timestamp_seconds",
+                                        "When a certificate, or the CRL's next update, is due (UNIX time)",
+                                        ["certificate"], registry=r)
+        self.audit_records = Counter("gateway_audit_records_total", "Audit records written", registry=r)
+        self.audit_dropped = Counter("gateway_audit_records_dropped_total",
+                                     "Audit records dropped because too many were waiting to be written",
+                                     registry=r)
+        self.config_reloads = Counter("gateway_config_reloads_total", "Configuration reloads by result",
+                                      ["result"], registry=r)
+        self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r)
+
+    def set_expiry(self, times: dict[str, float]) -> None:
+        self.certificate_expiry.clear()
+        for name, ts in times.items():
+            self.certificate_expiry.labels(name).set(ts)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,131 @@
+"""Rate limits: GCRA arithmetic, and the in-memory storage.
+
+Each limit is a generic cell rate: `rate` requests a second on average with
+bursts of up to `burst`. Its whole state is one number, the theoretical
+arrival time (TAT). A request is checked against the client's limit and the
+operation's limit together and counts against both only when both allow it.
+The arithmetic is plain functions, shared by the memory storage here and the
+Redis script in ratelimit_redis.py, which does the same sums inside Redis.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from gateway.operations import Operation
+from gateway.policy import Policy, Rate
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    limit: int             # the burst of the limit that binds
+    remaining: int         # requests left right now under every limit
+    reset_s: float         # seconds until the binding limit is full again
+    retry_after_s: float   # when refused: seconds until a request would pass
+
+    def headers(self) -> dict[str, str]:
+        out = {
+            "RateLimit-Limit": str(self.limit),
+            "RateLimit-Remaining": str(self.remaining),
+            "RateLimit-Reset": str(max(0, math.ceil(self.reset_s))),
+        }
+        if not self.allowed:
+            out["Retry-After"] = str(max(1, math.ceil(self.retry_after_s)))
+        return out
+
+
+class StorageError(Exception):
+    """The rate-limit storage cannot be used (for example Redis is down)."""
+
+
+def gcra(tat: float, now: float, rate: Rate) -> tuple[bool, float, int, float, float]:
+    """One GCRA step: (allowed, new TAT if allowed, remaining, reset seconds, retry-after seconds)."""
+    interval = 1.0 / rate.rate
+    capacity = rate.burst * interval
+    new_tat = max(tat, now) + interval
+    if new_tat - now > capacity:
+        retry = new_tat - now - capacity
+        remaining = max(0, int((capacity - (max(tat, now) - now)) / interval))
+        return False, tat, remaining, max(tat, now) - now, retry
+    remaining = int((capacity - (new_tat - now)) / interval + 1e-9)
+    return True, new_tat, remaining, new_tat - now, 0.0
+
+
+def combine(now: float, cells: list[tuple[float, Rate]]) -> tuple[Verdict, list[float]]:
+    """Check every (TAT, rate) cell; the verdict and the TATs to store (unchanged when refused)."""
+    results = [gcra(tat, now, rate) for tat, rate in cells]
+    allowed = all(r[0] for r in results)
+    binding = min(range(len(cells)), key=lambda i: (results[i][0], results[i][2]))
+    verdict = Verdict(
+        allowed=allowed,
+        limit=cells[binding][1].burst,
+        remaining=min(r[2] for r in results),
+        reset_s=max(r[3] for r in results),
+        retry_after_s=max(r[4] for r in results),
+    )
+    tats = [r[1] if allowed else tat for r, (tat, _) in zip(results, cells)]
+    return verdict, tats
+
+
+def limits_for(policy: Policy, operation: Operation) -> list[tuple[str, Rate]]:
+    """The (key, rate) cells that apply to a call: the client's limit and the operation's."""
+    cells = []
+    if policy.rate_limit.client is not None:
+        cells.append((policy.client, policy.rate_limit.client))
+    op_rate = policy.rate_limit.operations.get(operation)
+    if op_rate is not None:
+        cells.append((f"{policy.client}:{operation.value}", op_rate))
+    return cells
+
+
+class Storage(Protocol):
+    async def check(self, cells: list[tuple[str, Rate]]) -> Verdict: ...
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class MemoryStorage:
+    """Limits kept in this process: right for one gateway process on one machine."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
+        self.clock, self.max_keys = clock, max_keys
+        self._tats: dict[str, float] = {}
+
+    def check_now(self, cells: list[tuple[str, Rate]]) -> Verdict:
+        now = self.clock()
+        verdict, tats = combine(now, [(self._tats.get(key, now), rate) for key, rate in cells])
+        if verdict.allowed:
+            if len(self._tats) >= self.max_keys:
+                self._forget_idle(now)
+            for (key, _), tat in zip(cells, tats):
+                self._tats[key] = tat
+        return verdict
+
+    async def check(self, cells: list[tuple[str, Rate]]) -> Verdict:
+        return self.check_now(cells)
+
+    def _forget_idle(self, now: float) -> None:
+        for key in [k for k, tat in self._tats.items() if tat <= now]:
+            del self._tats[key]
+
+    async def ping(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+def storage_from_url(url: str) -> Storage:
+    if url == "memory":
+        return MemoryStorage()
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from gateway.ratelimit_redis import RedisStorage
+
+        return RedisStorage(url)
+    raise ValueError(f"rate_limit.storage must be memory or a redis:// URL, not {url!r}")
