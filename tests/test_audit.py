@@ -1,0 +1,124 @@
+"""The audit chain: sealing, verification of changed, removed, moved and torn lines, redaction."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from conftest import gateway_command
+from gateway.audit import GENESIS, Redactor, last_hash, seal, verify
+
+KEY = b"k" * 32
+
+
+def write_log(path, n=5, key=None) -> list[bytes]:
+    prev, lines = GENESIS, []
+    for i in range(n):
+        line, prev = seal({"request_id": f"r{i}", "status": 200, "solicitor": {"identifier": f"p{i}"}}, prev, key)
+        lines.append(line)
+    path.write_bytes(b"".join(lines))
+    return lines
+
+
+def run_verify(path, *args):
+    return subprocess.run(gateway_command("audit", "verify", str(path), *args), capture_output=True, text=True,
+                          timeout=30, cwd=path.parent)
+
+
+def test_a_sealed_chain_verifies(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl")
+    assert verify(lines, None).ok and verify(lines, None).records == 5
+    record = json.loads(lines[1])
+    assert record["prev"] == json.loads(lines[0])["hash"]
+    assert json.loads(lines[0])["prev"] == GENESIS
+    proc = run_verify(tmp_path / "a.jsonl")
+    assert (proc.returncode, proc.stdout.strip()) == (0, "OK 5 records")
+
+
+def test_empty_log_verifies():
+    assert verify([], None).ok
+
+
+def test_changed_line_is_named(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl")
+    lines[2] = lines[2].replace(b'"status":200', b'"status":201')
+    (tmp_path / "a.jsonl").write_bytes(b"".join(lines))
+    result = verify(lines, None)
+    assert (result.ok, result.bad_line) == (False, 3) and "changed" in result.why
+    proc = run_verify(tmp_path / "a.jsonl")
+    assert proc.returncode == 1 and "line 3" in proc.stderr and "changed" in proc.stderr
+
+
+def test_removed_line_is_named(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl")
+    del lines[1]
+    result = verify(lines, None)
+    assert (result.ok, result.bad_line) == (False, 2) and "removed or moved" in result.why
+
+
+def test_moved_line_is_named(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl")
+    lines[1], lines[3] = lines[3], lines[1]
+    result = verify(lines, None)
+    assert (result.ok, result.bad_line) == (False, 2)
+
+
+def test_removed_first_line_is_named(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl")
+    assert verify(lines[1:], None).bad_line == 1
+
+
+def test_torn_last_line_is_named(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl")
+    (tmp_path / "a.jsonl").write_bytes(b"".join(lines)[:-20])
+    with open(tmp_path / "a.jsonl", "rb") as f:
+        result = verify(f, None)
+    assert (result.ok, result.bad_line) == (False, 5) and "torn" in result.why
+    proc = run_verify(tmp_path / "a.jsonl")
+    assert proc.returncode == 1 and "line 5: torn" in proc.stderr
+
+
+def test_hmac_chain_needs_its_key(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl", key=KEY)
+    assert verify(lines, KEY).ok
+    assert not verify(lines, None).ok
+    assert not verify(lines, b"x" * 32).ok
+    # An attacker without the key cannot re-seal a changed line.
+    record = json.loads(lines[0])
+    record["status"] = 500
+    forged, _ = seal({k: v for k, v in record.items() if k not in ("prev", "hash")}, GENESIS, None)
+    assert verify([forged, *lines[1:]], KEY).bad_line == 1
+    (tmp_path / "audit.key").write_bytes(KEY)
+    (tmp_path / "c.yaml").write_text(json.dumps({"audit": {"key_file": "audit.key"}}))
+    proc = run_verify(tmp_path / "a.jsonl", "-c", str(tmp_path / "c.yaml"))
+    assert (proc.returncode, proc.stdout.strip()) == (0, "OK 5 records"), proc.stderr
+    proc = run_verify(tmp_path / "a.jsonl")
+    assert proc.returncode == 1 and "line 1" in proc.stderr
+
+
+def test_last_hash_skips_a_torn_tail(tmp_path):
+    lines = write_log(tmp_path / "a.jsonl")
+    assert last_hash(b"".join(lines) + b'{"torn') == json.loads(lines[-1])["hash"]
+    assert last_hash(b"") is None
+
+
+def test_redaction_is_keyed_and_stable():
+    r = Redactor(["solicitor.identifier", "remote", "cert.subject", "missing.field"], b"r" * 32)
+    one = r.apply({"solicitor": {"source": "EXTERNAL", "identifier": "198603052385"}, "remote": "10.0.0.1",
+                   "cert": None})
+    two = r.apply({"solicitor": {"source": "EXTERNAL", "identifier": "198603052385"}, "remote": "10.0.0.2"})
+    assert one["solicitor"]["identifier"] == two["solicitor"]["identifier"]
+    assert one["solicitor"]["identifier"].startswith("hmac-sha256:")
+    assert "198603052385" not in json.dumps(one)
+    assert one["remote"] != two["remote"]
+    assert one["solicitor"]["source"] == "EXTERNAL" and one["cert"] is None
+    other = Redactor(["solicitor.identifier"], b"o" * 32).apply({"solicitor": {"identifier": "198603052385"}})
+    assert other["solicitor"]["identifier"] != one["solicitor"]["identifier"]
+
+
+def test_verify_of_a_missing_file_is_one_line(tmp_path):
+    proc = run_verify(tmp_path / "nope.jsonl")
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in proc.stderr

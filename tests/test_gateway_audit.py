@@ -1,0 +1,150 @@
+"""The audit log through the gateway: a line for every request, chained; no service without it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+
+import aiohttp
+import pytest
+
+from gateway.audit import verify
+from gateway_harness import ORDER_CRM, ORDER_HR, POLICIES, gateway_running, session, write_config
+
+FIELDS = {"ts", "request_id", "client", "cert", "remote", "method", "path", "operation", "order_id", "solicitor",
+          "decision", "reason", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash"}
+
+
+async def status_of(test_pki, client, method, url, **kwargs) -> tuple[int, str]:
+    async with session(test_pki, test_pki.client(client)) as s:
+        async with s.request(method, url, **kwargs) as resp:
+            await resp.read()
+            return resp.status, resp.headers.get("X-Request-ID", "")
+
+
+def read_log(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_bytes().splitlines()]
+
+
+async def test_every_request_leaves_one_chained_line(tmp_path, test_pki, recorder_url):
+    policies = {**POLICIES, "crm": {**POLICIES["crm"], "rate_limit": {"per_minute": 2, "burst": 2}}}
+    config = write_config(tmp_path, test_pki, recorder_url, policies=policies)
+    calls = [
+        ("crm", "GET", f"/orders/{ORDER_CRM}/state", 200),
+        ("crm", "GET", f"/orders/{ORDER_HR}/state", 404),       # another solicitor's order
+        ("crm", "DELETE", f"/orders/{ORDER_CRM}", 403),         # not allowed (no rate limit spent)
+        ("crm", "GET", f"/orders/{ORDER_CRM}/state", 429),      # burst 2 used up
+        ("stranger", "GET", f"/orders/{ORDER_CRM}/state", 403),
+        ("hr-system", "GET", "/no/such/path", 404),
+    ]
+    ids = []
+    async with gateway_running(config) as (url, _):
+        for client, method, path, expected in calls:
+            status, request_id = await status_of(test_pki, client, method, url + path)
+            assert status == expected, (client, path)
+            ids.append(request_id)
+    log = tmp_path / "data" / "audit.jsonl"
+    records = read_log(log)
+    assert [r["request_id"] for r in records] == ids
+    assert [r["status"] for r in records] == [c[3] for c in calls]
+    assert [r["decision"] for r in records] == ["allow", "deny", "deny", "deny", "deny", "deny"]
+    for record in records:
+        assert FIELDS <= set(record), FIELDS - set(record)
+    first = records[0]
+    assert first["client"] == "crm" and first["operation"] == "order_state" and first["order_id"] == ORDER_CRM
+    assert first["cert"]["subject"] == "CN=crm,O=gateway example" and first["remote"] == "127.0.0.1"
+    assert first["solicitor"] == {"source": "EXTERNAL", "identifier": "198603052385"}
+    assert first["bytes_out"] == 2 and first["duration_ms"] > 0
+    assert records[3]["reason"].startswith("rate limit")
+    assert records[4]["client"] == "unknown" and records[4]["cert"]["subject"] == "CN=stranger,O=gateway example"
+    with open(log, "rb") as f:
+        assert verify(f, None).ok
+
+
+async def test_chain_continues_across_restarts_with_a_key(tmp_path, test_pki, recorder_url):
+    key_file = tmp_path / "audit.key"
+    key_file.write_bytes(b"0123456789abcdef0123456789abcdef")
+    config = write_config(tmp_path, test_pki, recorder_url,
+                          audit={"path": "data/audit.jsonl", "key_file": str(key_file)})
+    for _ in range(2):
+        async with gateway_running(config) as (url, _):
+            assert (await status_of(test_pki, "crm", "GET", f"{url}/orders/{ORDER_CRM}/state"))[0] == 200
+    with open(tmp_path / "data" / "audit.jsonl", "rb") as f:
+        result = verify(f, key_file.read_bytes())
+    assert result.ok and result.records == 2
+
+
+async def test_redacted_fields_are_keyed_hashes(tmp_path, test_pki, recorder_url):
+    config = write_config(tmp_path, test_pki, recorder_url,
+                          audit={"path": "data/audit.jsonl", "redact": ["solicitor.identifier", "cert.subject"]})
+    async with gateway_running(config) as (url, _):
+        for _ in range(2):
+            await status_of(test_pki, "crm", "GET", f"{url}/orders/{ORDER_CRM}/state")
+    text = (tmp_path / "data" / "audit.jsonl").read_text()
+    assert "198603052385" not in text and "CN=crm" not in text
+    one, two = read_log(tmp_path / "data" / "audit.jsonl")
+    assert one["solicitor"]["identifier"] == two["solicitor"]["identifier"]
+    assert one["solicitor"]["identifier"].startswith("hmac-sha256:")
+    assert one["cert"]["issuer"] == "CN=gateway example CA,O=gateway example"
+
+
+async def admin_ready(config_path) -> tuple[int, dict]:
+    from gateway.config import load_config
+
+    admin = load_config(config_path).admin
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"http://127.0.0.1:{admin.port}/readyz") as resp:
+            return resp.status, await resp.json()
+
+
+async def until_503(test_pki, url, tries=50) -> int:
+    """Send requests until the gateway refuses to serve un-audited (bounded)."""
+    for i in range(tries):
+        status, _ = await status_of(test_pki, "crm", "GET", f"{url}/orders/{ORDER_CRM}/state")
+        if status == 503:
+            return i
+        assert status == 200
+    raise AssertionError("the gateway kept serving while its audit log could not be written")
+
+
+async def test_disk_full_means_503_and_not_ready(tmp_path, test_pki, recorder_url, recorder):
+    config = write_config(tmp_path, test_pki, recorder_url, audit={"path": "/dev/full"})
+    async with gateway_running(config) as (url, _):
+        await until_503(test_pki, url)
+        forwarded = len([r for r in recorder.seen if r.path != "/"])  # "/" is the readiness probe
+        status, body = await admin_ready(config)
+        assert status == 503 and "No space left" in body["problems"]["audit"]
+        async with session(test_pki, test_pki.client("crm")) as s:
+            async with s.get(f"{url}/orders/{ORDER_CRM}/state") as resp:
+                problem = await resp.json(content_type=None)
+                assert resp.status == 503 and resp.content_type == "application/problem+json"
+        assert "audit" in problem["detail"]
+        assert len([r for r in recorder.seen if r.path != "/"]) == forwarded  # nothing more was forwarded
+
+
+async def test_unusable_folder_at_start_means_503(tmp_path, test_pki, recorder_url, recorder):
+    (tmp_path / "a-file").write_text("not a folder")
+    config = write_config(tmp_path, test_pki, recorder_url, audit={"path": str(tmp_path / "a-file" / "audit.jsonl")})
+    async with gateway_running(config) as (url, _):
+        status, _ = await status_of(test_pki, "crm", "GET", f"{url}/orders/{ORDER_CRM}/state")
+        assert status == 503 and recorder.seen == []
+        status, body = await admin_ready(config)
+        assert status == 503 and "a-file" in body["problems"]["audit"]
+
+
+async def test_folder_removed_while_running_means_503_then_recovers(tmp_path, test_pki, recorder_url):
+    folder = tmp_path / "logs"
+    config = write_config(tmp_path, test_pki, recorder_url, audit={"path": str(folder / "audit.jsonl")})
+    async with gateway_running(config) as (url, _):
+        assert (await status_of(test_pki, "crm", "GET", f"{url}/orders/{ORDER_CRM}/state"))[0] == 200
+        shutil.rmtree(folder)
+        await until_503(test_pki, url)
+        folder.mkdir()  # the operator repairs it: the writer reopens the log and serving resumes
+        deadline = time.monotonic() + 10
+        while (await admin_ready(config))[0] != 200:
+            assert time.monotonic() < deadline, "the gateway did not recover"
+            await __import__("asyncio").sleep(0.1)
+        assert (await status_of(test_pki, "crm", "GET", f"{url}/orders/{ORDER_CRM}/state"))[0] == 200
+    records = read_log(folder / "audit.jsonl")
+    assert records[-1]["status"] == 200
