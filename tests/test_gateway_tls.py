@@ -76,3 +76,30 @@ async def test_tls_1_1_is_refused(gw, test_pki):
         with pytest.raises((aiohttp.ClientConnectionError, aiohttp.ClientSSLError, ConnectionError)):
             async with s.get(gw + STATE) as resp:
                 await resp.read()
+
+
+async def test_client_issued_by_an_intermediate_in_the_bundle(tmp_path, test_pki, recorder_url, recorder):
+    from cryptography.hazmat.primitives import serialization
+
+    from gateway import pki
+    from gateway_harness import DAY, NOW, POLICIES, gateway_running, write_config
+
+    root = pki.load_ca(test_pki.dir)
+    inter = pki.make_ca("gateway example issuing CA", not_before=NOW - DAY, not_after=NOW + 30 * DAY,
+                        issuer=root, path_length=0)
+    cert, key = pki.make_client_cert(*inter, "crm", not_before=NOW - DAY, not_after=NOW + 10 * DAY)
+    pki.write_pem(tmp_path / "crm.crt", cert)
+    pki.write_pem(tmp_path / "crm.key", key)
+    pem = serialization.Encoding.PEM
+    (tmp_path / "bundle.pem").write_bytes(root[0].public_bytes(pem) + inter[0].public_bytes(pem))
+    crls = (test_pki.dir / "crl.pem").read_bytes() + pki.make_crl(
+        *inter, number=1, last_update=NOW - DAY, next_update=NOW + 10 * DAY).public_bytes(pem)
+    (tmp_path / "crls.pem").write_bytes(crls)
+    tls = {"cert": str(test_pki.dir / "server.crt"), "key": str(test_pki.dir / "server.key"),
+           "client_ca": str(tmp_path / "bundle.pem"), "crl": str(tmp_path / "crls.pem"), "crl_check": "chain"}
+    config = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]}, tls=tls)
+    async with gateway_running(config) as (url, _):
+        assert await get_status(test_pki, (tmp_path / "crm.crt", tmp_path / "crm.key"), url + STATE) == 200
+        # the root's own clients still get in; the chain check found both CRLs
+        assert await get_status(test_pki, test_pki.client("crm"), url + STATE) == 200
+    assert recorder.forwarded() == [f"GET {STATE}", f"GET {STATE}"]
