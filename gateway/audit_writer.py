@@ -43,6 +43,10 @@ def redaction_key(audit_path: Path, key: bytes | None) -> bytes:
         return hmac.new(key, b"gateway audit redaction", hashlib.sha256).digest()
     path = audit_path.parent / "audit-redact.key"
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # the log folder is unusable; the writer reports that
+    try:
         return bytes.fromhex(path.read_text().strip())
     except (OSError, ValueError):
         new = secrets.token_bytes(32)

@@ -173,9 +173,18 @@ def decide_anonymize(policy: Policy, fields: dict[str, list[Any]]) -> Decision:
 class PolicySet:
     def __init__(self, policies: list[Policy]):
         self.policies = tuple(policies)
+        self._found: dict[str, tuple[Policy | None, str]] = {}
 
     def find(self, identity: Identity) -> tuple[Policy | None, str]:
-        """The one policy matching the identity, or None and why."""
+        """The one policy matching the identity, or None and why (remembered per certificate)."""
+        found = self._found.get(identity.fingerprint_sha256)
+        if found is None:
+            if len(self._found) > 10000:
+                self._found.clear()
+            found = self._found[identity.fingerprint_sha256] = self._find(identity)
+        return found
+
+    def _find(self, identity: Identity) -> tuple[Policy | None, str]:
         found = [p for p in self.policies if p.matches(identity)]
         if not found:
             return None, "the certificate matches no client policy"

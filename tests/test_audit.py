@@ -122,3 +122,13 @@ def test_verify_of_a_missing_file_is_one_line(tmp_path):
     proc = run_verify(tmp_path / "nope.jsonl")
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1
     assert "Traceback" not in proc.stderr
+
+
+def test_redaction_key_is_kept_from_the_first_start(tmp_path):
+    from gateway.audit_writer import redaction_key
+
+    log = tmp_path / "new-folder" / "audit.jsonl"
+    first = redaction_key(log, None)
+    assert (tmp_path / "new-folder" / "audit-redact.key").stat().st_mode & 0o077 == 0
+    assert redaction_key(log, None) == first
+    assert redaction_key(log, b"k" * 32) != first
