@@ -20,6 +20,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
+from multidict import CIMultiDict
 
 from gateway.audit import record_of
 from gateway.audit_writer import AuditWriter
@@ -40,6 +41,7 @@ from gateway.upstream import Upstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("gateway.proxy")
 ANONYMIZE_LIMIT = 65536
+SMALL_BODY = 65536  # answers up to this size are read whole and sent in one write
 
 
 @dataclass
@@ -321,26 +323,34 @@ class Pipeline:
             raise Refused(504, str(exc), "upstream_timeout") from None
         async with upstream:
             ex.upstream_seconds = time.perf_counter() - started
+            ex.status = upstream.status
             if rt.operation is Operation.DELETE_ORDER and upstream.status < 300:
                 gw.upstream.solicitors.discard(rt.order_id)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            for name, value in client_response_headers(
+            headers = CIMultiDict(client_response_headers(
                 (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
-            ):
-                response.headers.add(name, value)
-            if upstream.content_length is not None:
-                response.content_length = upstream.content_length
-            response.headers[REQUEST_ID_HEADER] = ex.request_id
+            ))
+            headers[REQUEST_ID_HEADER] = ex.request_id
             if ex.limit_headers:
-                response.headers.update(ex.limit_headers)
-            ex.status = upstream.status
+                headers.update(ex.limit_headers)
+            length = upstream.content_length
+            if length is not None and length <= SMALL_BODY:
+                # Small answers go out in one write, headers and body together.
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError):
+                    raise Refused(502, "the upstream's answer broke off", "upstream_unavailable") from None
+                ex.bytes_out = len(body)
+                return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
+            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+            if length is not None:
+                response.content_length = length
             request["response"] = response
             await response.prepare(request)
             try:
-                async for chunk in upstream.content.iter_chunked(CHUNK):
+                async for chunk in upstream.iter_chunks(CHUNK):
                     ex.bytes_out += len(chunk)
                     await response.write(chunk)
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (aiohttp.ClientError, TimeoutError, ConnectionError):
                 # Too late for a problem answer: cut the connection so the client sees a broken body.
                 ex.reason = "upstream failed while sending the response"
                 if request.transport is not None:

@@ -1,19 +1,22 @@
-"""The upstream client: one pooled aiohttp ClientSession, bodies streamed both ways.
+"""The upstream client: a keep-alive pool to one server, bodies streamed both ways.
 
-Responses are not decompressed (`auto_decompress=False`): bytes pass through
-as the upstream sent them. Connection failures become UpstreamUnavailable
-(502), timeouts UpstreamTimeout (504).
+Responses are passed on as the upstream sent them (no decompression).
+Connection failures become UpstreamUnavailable (502), an upstream slower than
+upstream.timeout_s UpstreamTimeout (504). The order -> solicitor look-ups
+that order operations need are cached briefly here.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import ssl
 from typing import AsyncIterator
 
-import aiohttp
+from aiohttp import ClientPayloadError
 
 from gateway.cache import TTLCache
+from gateway.upstream_pool import ConnectionBroken, Pool, Response
 
 
 class UpstreamUnavailable(Exception):
@@ -25,42 +28,33 @@ class UpstreamTimeout(Exception):
 
 
 class Upstream:
-    def __init__(self, base_url: str, timeout_s: float, solicitor_ttl_s: float = 5.0):
+    def __init__(self, base_url: str, timeout_s: float, solicitor_ttl_s: float = 5.0,
+                 ssl_context: ssl.SSLContext | None = None):
         self.base_url = base_url.rstrip("/")
-        self.timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout_s, sock_read=timeout_s)
-        self.session: aiohttp.ClientSession | None = None
+        self.timeout_s = timeout_s
+        self.pool = Pool(self.base_url, ssl_context)
         self.solicitors: TTLCache[dict | None] = TTLCache(solicitor_ttl_s, 10000)
 
     async def start(self) -> None:
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=256, keepalive_timeout=30, enable_cleanup_closed=True),
-            auto_decompress=False,
-            timeout=self.timeout,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
-        )
+        return None
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        self.pool.close()
 
     async def send(
         self, method: str, path: str, headers: dict[str, str],
         body: AsyncIterator[bytes] | None = None, length: int | None = None,
-    ) -> aiohttp.ClientResponse:
-        """Send a request; the caller reads and releases the response."""
+    ) -> Response:
+        """Send a request and wait for the answer's head; the caller reads and releases the body."""
         if body is not None and length is not None:
             headers = {**headers, "content-length": str(length)}
-        elif body is None and method in ("POST", "PUT", "PATCH"):
+        elif method in ("POST", "PUT", "PATCH"):
             headers = {**headers, "content-length": "0"}
         try:
-            return await self.session.request(
-                method, self.base_url + path, headers=headers, data=body, allow_redirects=False,
-                compress=None, chunked=None,
-            )
-        except asyncio.TimeoutError:
+            return await self.pool.request(method, path, headers, body, read_timeout=self.timeout_s)
+        except TimeoutError:
             raise UpstreamTimeout("the upstream did not answer in time") from None
-        except aiohttp.ClientError as exc:
+        except (ConnectionBroken, OSError) as exc:
             raise UpstreamUnavailable(f"the upstream cannot be reached ({type(exc).__name__})") from None
 
     async def order_solicitor(self, order_id: str, headers: dict[str, str]) -> dict | None:
@@ -72,13 +66,14 @@ class Upstream:
         async with resp:
             try:
                 if resp.status == 404:
+                    await resp.read()
                     return None
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"the upstream answered {resp.status} to an order look-up")
                 order = json.loads(await resp.read())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 raise UpstreamTimeout("the upstream did not answer in time") from None
-            except (aiohttp.ClientError, ValueError):
+            except (ClientPayloadError, ValueError):
                 raise UpstreamUnavailable("the upstream's order is not readable JSON") from None
         solicitor = order.get("solicitor") if isinstance(order, dict) else None
         if not isinstance(solicitor, dict):
@@ -90,8 +85,10 @@ class Upstream:
     async def ready(self) -> str | None:
         """None when the upstream answers over HTTP, else why not."""
         try:
-            async with self.session.get(self.base_url + "/", timeout=aiohttp.ClientTimeout(total=3)) as resp:
-                await resp.read()
+            async with asyncio.timeout(3):
+                resp = await self.pool.request("GET", "/", {"accept": "*/*"})
+                async with resp:
+                    await resp.read()
             return None
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, ConnectionBroken, ClientPayloadError, OSError) as exc:
             return f"upstream unreachable ({type(exc).__name__})"

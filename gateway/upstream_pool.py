@@ -1,0 +1,201 @@
+"""A small keep-alive HTTP/1.1 connection pool to one upstream, on aiohttp's own parser.
+
+aiohttp's ClientSession is most of a proxy's cost per request (cookie jar,
+redirects, tracing, URL building, a connector with per-host limits: none of
+which a gateway calling one fixed upstream needs). This pool only writes a
+request head the gateway composed from vetted parts and reads the answer with
+aiohttp's HttpResponseParser (llhttp, the same parser ClientSession uses), so
+response framing, chunked encoding and header limits are never parsed by
+hand. One request at a time a connection; no pipelining.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+from typing import AsyncIterator
+from urllib.parse import urlsplit
+
+from aiohttp import ClientPayloadError
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser
+
+READ_LIMIT = 2 ** 16
+MAX_IDLE = 256
+
+
+class ConnectionBroken(ConnectionError):
+    """The connection closed or the answer could not be parsed."""
+
+
+class _Connection(BaseProtocol):
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        super().__init__(loop)
+        self.parser = HttpResponseParser(
+            self, loop, READ_LIMIT, timer=None, payload_exception=ClientPayloadError,
+            response_with_body=True, read_until_eof=False, auto_decompress=False,
+        )
+        self._parser = self.parser  # BaseProtocol pauses and resumes it for flow control
+        self.answer: asyncio.Future | None = None
+        self.payload = None
+        self.dead = False
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            messages, _, _ = self.parser.feed_data(data)
+        except Exception as exc:  # a malformed answer: this connection is done
+            self._fail(ConnectionBroken(f"the upstream's answer is malformed ({type(exc).__name__})"))
+            if self.transport is not None:
+                self.transport.close()
+            return
+        for message, payload in messages:
+            if self.answer is not None and not self.answer.done():
+                self.payload = payload
+                self.answer.set_result((message, payload))
+            else:  # an answer nobody asked for
+                self.dead = True
+                if self.transport is not None:
+                    self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.dead = True
+        try:
+            self.parser.feed_eof()
+        except Exception:
+            pass
+        self._fail(ConnectionBroken("the upstream closed the connection"))
+        if self.payload is not None and not self.payload.is_eof():
+            self.payload.set_exception(ClientPayloadError("the upstream closed the connection mid-answer"))
+        super().connection_lost(exc)
+
+    def _fail(self, exc: Exception) -> None:
+        self.dead = True
+        if self.answer is not None and not self.answer.done():
+            self.answer.set_exception(exc)
+
+
+class Response:
+    """An upstream answer: status, headers and a streamed body; release() gives the connection back."""
+
+    def __init__(self, pool: "Pool", conn: _Connection, message, payload, read_timeout: float | None):
+        self._pool, self._conn, self._timeout = pool, conn, read_timeout
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.raw_headers = message.raw_headers
+        self.headers = message.headers
+        self.content = payload
+        self._keep = not message.should_close
+        length = message.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
+
+    async def read(self) -> bytes:
+        async with asyncio.timeout(self._timeout):
+            return await self.content.read()
+
+    async def iter_chunks(self, size: int) -> AsyncIterator[bytes]:
+        """The body in chunks of up to `size` bytes; each read bounded by the read timeout."""
+        while True:
+            async with asyncio.timeout(self._timeout):
+                chunk = await self.content.read(size)
+            if not chunk:
+                return
+            yield chunk
+
+    def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._release(conn, self._keep and self.content.is_eof())
+
+    async def __aenter__(self) -> "Response":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+
+class Pool:
+    def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None = None):
+        parts = urlsplit(base_url)
+        self.scheme = parts.scheme
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or (443 if parts.scheme == "https" else 80)
+        self.prefix = parts.path.rstrip("/")
+        default_port = (self.scheme == "https" and self.port == 443) or (self.scheme == "http" and self.port == 80)
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        self.host_header = host if default_port else f"{host}:{self.port}"
+        self.ssl = (ssl_context or ssl.create_default_context()) if self.scheme == "https" else None
+        self._idle: collections.deque[_Connection] = collections.deque()
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port, ssl=self.ssl)
+        return conn
+
+    def _take_idle(self) -> _Connection | None:
+        while self._idle:
+            conn = self._idle.pop()
+            if not conn.dead and conn.transport is not None and not conn.transport.is_closing():
+                return conn
+        return None
+
+    def _release(self, conn: _Connection, keep: bool) -> None:
+        if keep and not conn.dead and len(self._idle) < MAX_IDLE:
+            conn.answer = conn.payload = None
+            self._idle.append(conn)
+        elif conn.transport is not None:
+            conn.transport.close()
+
+    def _head(self, method: str, path: str, headers: dict[str, str]) -> bytes:
+        lines = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        for line in lines:
+            if "\r" in line or "\n" in line or "\0" in line:
+                raise ValueError("a request line or header holds a control character")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    async def request(self, method: str, path: str, headers: dict[str, str],
+                      body: AsyncIterator[bytes] | None = None, read_timeout: float | None = None) -> Response:
+        """Send one request; a stale idle connection is retried once for GET (nothing was answered).
+
+        `read_timeout` bounds connecting, the wait for the answer after the body is sent, and each
+        read of the answer's body; sending the body is bounded by the caller.
+        """
+        head = self._head(method, path, headers)
+        while True:
+            conn = self._take_idle()
+            reused = conn is not None
+            if conn is None:
+                async with asyncio.timeout(read_timeout):
+                    conn = await self._connect()
+            try:
+                return await self._exchange(conn, head, body, read_timeout)
+            except ConnectionBroken:
+                if conn.transport is not None:
+                    conn.transport.close()
+                if not (reused and method == "GET"):
+                    raise
+            except BaseException:
+                if conn.transport is not None:
+                    conn.transport.close()
+                raise
+
+    async def _exchange(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes] | None,
+                        read_timeout: float | None) -> Response:
+        conn.answer = asyncio.get_running_loop().create_future()
+        conn.transport.write(head)
+        if body is not None:
+            async for chunk in body:
+                if conn.dead:
+                    break
+                conn.transport.write(chunk)
+                await conn._drain_helper()
+        async with asyncio.timeout(read_timeout):
+            message, payload = await conn.answer
+        return Response(self, conn, message, payload, read_timeout)
+
+    def close(self) -> None:
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.transport is not None:
+                conn.transport.close()
