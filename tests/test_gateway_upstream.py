@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import socket
 import ssl
 import time
@@ -114,3 +115,37 @@ async def test_silent_connection_without_handshake_is_closed(gw):
         return time.monotonic() - started
 
     assert await asyncio.get_running_loop().run_in_executor(None, silent) < 5
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nZZ\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nX-Split: a\rInjected: yes\r\nContent-Length: 2\r\n\r\nok",
+    b"not http at all\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort",
+])
+async def test_malformed_upstream_answers_are_502(tmp_path, test_pki, answer):
+    """Response framing is read by aiohttp's parser; anything it refuses never reaches the client."""
+
+    async def lookup_then_bad(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"GET /orders/") and b"/state" not in head.split(b"\r\n")[0]:
+            body = json.dumps({"solicitor": {"source": "EXTERNAL", "identifier": "198603052385"}}).encode()
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+        else:
+            writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(lookup_then_bad, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        config = write_config(tmp_path, test_pki, f"http://127.0.0.1:{port}")
+        async with gateway_running(config) as (url, _):
+            status, body, resp = await get(test_pki, "crm", f"{url}/orders/{ORDER_CRM}/state")
+    finally:
+        server.close()
+    assert status == 502 and resp.content_type == "application/problem+json"
+    assert b"Injected" not in body and "Injected" not in resp.headers
