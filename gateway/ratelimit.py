@@ -24,7 +24,7 @@ class Verdict:
     allowed: bool
     limit: int             # the burst of the limit that binds
     remaining: int         # requests left right now under every limit
-    reset_s: float         # seconds until the binding limit is full again
+    reset_s: float         # seconds until the binding limit (the one Limit names) is full again
     retry_after_s: float   # when refused: seconds until a request would pass
 
     def headers(self) -> dict[str, str]:
@@ -42,16 +42,19 @@ class StorageError(Exception):
     """The rate-limit storage cannot be used (for example Redis is down)."""
 
 
+EPSILON = 1e-6  # seconds: 1/rate is rarely exact in binary, and Redis keeps TATs to the microsecond
+
+
 def gcra(tat: float, now: float, rate: Rate) -> tuple[bool, float, int, float, float]:
     """One GCRA step: (allowed, new TAT if allowed, remaining, reset seconds, retry-after seconds)."""
     interval = 1.0 / rate.rate
     capacity = rate.burst * interval
     new_tat = max(tat, now) + interval
-    if new_tat - now > capacity:
+    if new_tat - now > capacity + EPSILON:
         retry = new_tat - now - capacity
         remaining = max(0, int((capacity - (max(tat, now) - now)) / interval))
         return False, tat, remaining, max(tat, now) - now, retry
-    remaining = int((capacity - (new_tat - now)) / interval + 1e-9)
+    remaining = max(0, int((capacity - (new_tat - now)) / interval + EPSILON))
     return True, new_tat, remaining, new_tat - now, 0.0
 
 
@@ -64,7 +67,7 @@ def combine(now: float, cells: list[tuple[float, Rate]]) -> tuple[Verdict, list[
         allowed=allowed,
         limit=cells[binding][1].burst,
         remaining=min(r[2] for r in results),
-        reset_s=max(r[3] for r in results),
+        reset_s=results[binding][3],
         retry_after_s=max(r[4] for r in results),
     )
     tats = [r[1] if allowed else tat for r, (tat, _) in zip(results, cells)]

@@ -31,22 +31,22 @@ for i = 1, #KEYS do
   local tat = tonumber(redis.call('GET', KEYS[i]) or now)
   local base = math.max(tat, now)
   local new_tat = base + interval
-  local ok, rem
-  if new_tat - now > capacity then
+  local ok, rem, reset_i
+  if new_tat - now > capacity + 0.000001 then
     ok = 0
     allowed = 0
     rem = math.max(0, math.floor((capacity - (base - now)) / interval))
-    reset = math.max(reset, base - now)
+    reset_i = base - now
     retry = math.max(retry, new_tat - now - capacity)
   else
     ok = 1
-    rem = math.floor((capacity - (new_tat - now)) / interval + 0.000000001)
-    reset = math.max(reset, new_tat - now)
+    rem = math.max(0, math.floor((capacity - (new_tat - now)) / interval + 0.000001))
+    reset_i = new_tat - now
   end
   tats[i] = {new_tat, capacity}
   if remaining == nil or rem < remaining then remaining = rem end
   if bind_remaining == nil or ok < bind_denied or (ok == bind_denied and rem < bind_remaining) then
-    bind_denied, bind_remaining, limit = ok, rem, burst
+    bind_denied, bind_remaining, limit, reset = ok, rem, burst, reset_i
   end
 end
 if allowed == 1 then
