@@ -20,7 +20,7 @@ from aiohttp import web
 _VERIFY_REASONS = {
     9: "not_yet_valid", 10: "expired", 23: "revoked", 26: "bad_purpose",
     2: "unknown_ca", 18: "unknown_ca", 19: "unknown_ca", 20: "unknown_ca", 21: "unknown_ca",
-    3: "crl", 11: "crl", 12: "crl", 15: "crl", 16: "crl",
+    3: "crl", 11: "crl", 12: "crl_expired", 15: "crl", 16: "crl",
 }
 
 
