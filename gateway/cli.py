@@ -18,7 +18,9 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway (and the embedded reference API)")
     serve.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
-    serve.add_argument("--workers", type=int, default=1, help="number of worker processes")
+    serve.add_argument("--workers", type=int, default=1,
+                       help="worker processes sharing the port (more than one needs Redis for rate limits)")
+    serve.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
 
     ref = sub.add_parser("reference-api", help="run only the reference Automation API (plain HTTP)")
     ref.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
@@ -70,10 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             return pki.cli_main(args)
         if args.command == "serve":
-            from gateway.server import StartError, serve
+            from gateway.server import StartError, serve, serve_worker
 
             try:
-                serve(load_config(args.config))
+                if args.worker_index is not None:
+                    serve_worker(load_config(args.config), args.worker_index)
+                else:
+                    serve(load_config(args.config), args.workers)
             except StartError as exc:
                 print(f"gateway: {exc}", file=sys.stderr)
                 return 1

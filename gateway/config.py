@@ -94,6 +94,7 @@ class Limits:
     max_body_bytes: int = 33554432
     header_timeout_s: float = 10.0
     request_timeout_s: float = 120.0
+    drain_timeout_s: float = 30.0      # SIGTERM: how long in-flight requests may still take
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any, AsyncIterator
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, MultipartReader
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from gateway.strictjson import strict_json
@@ -22,6 +23,8 @@ from gateway.strictjson import strict_json
 MEMORY_THRESHOLD = 256 * 1024
 CHUNK = 64 * 1024
 IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
+# What aiohttp's multipart parser raises for a body it cannot read.
+MALFORMED = (ValueError, AssertionError, RuntimeError, KeyError, HttpProcessingError)
 MAX_FIELD_BYTES = 64 * 1024
 
 
@@ -157,7 +160,7 @@ async def form_fields(spool: Spool, content_type: str, wanted: tuple[str, ...]) 
                     fields.setdefault(part.name, []).append(exc)
     except BodyRefused:
         raise
-    except (ValueError, AssertionError, RuntimeError, KeyError) as exc:
+    except MALFORMED as exc:
         raise BodyRefused(400, f"the multipart body is malformed ({type(exc).__name__})") from None
     return fields
 
@@ -205,8 +208,11 @@ async def anonymize_fields(spool: Spool, content_type: str, mimetype: str) -> di
 
 async def _part_names(spool: Spool, content_type: str) -> set[str]:
     names: set[str] = set()
-    reader = MultipartReader(CIMultiDict({"Content-Type": content_type}), SpoolStream(spool))
-    while (part := await reader.next()) is not None:
-        names.add(_check_part(part).name)
-        await part.release()
+    try:
+        reader = MultipartReader(CIMultiDict({"Content-Type": content_type}), SpoolStream(spool))
+        while (part := await reader.next()) is not None:
+            names.add(_check_part(part).name)
+            await part.release()
+    except MALFORMED as exc:
+        raise BodyRefused(400, f"the multipart body is malformed ({type(exc).__name__})") from None
     return names

@@ -56,7 +56,10 @@ def route(method: str, raw_path: str) -> Route | None:
         return None
     if _FORBIDDEN_ENCODED.search(raw_path):
         return None
-    path = unquote(raw_path, errors="strict")
+    try:
+        path = unquote(raw_path, errors="strict")
+    except UnicodeDecodeError:
+        return None
     if not path.isascii():
         return None
     for m, pattern, operation, template in TABLE:

@@ -8,6 +8,7 @@ than one, is nobody. Every decision carries a reason that goes to the client
 from __future__ import annotations
 
 import fnmatch
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,6 +266,8 @@ def parse_policy(data: Any, path: Path | str) -> Policy:
             ops.add(Operation(name))
         except ValueError:
             raise err(f"allow[{i}]", f"unknown operation {name!r}") from None
+    if not isinstance(data.get("solicitors", []), (list, type(None))):
+        raise err("solicitors", "must be a list")
     solicitors = []
     for i, s in enumerate(data.get("solicitors") or []):
         if not isinstance(s, dict) or set(s) != {"source", "identifier"}:
@@ -274,8 +277,6 @@ def parse_policy(data: Any, path: Path | str) -> Policy:
         if not isinstance(s["identifier"], str) or not s["identifier"]:
             raise err(f"solicitors[{i}].identifier", "must be a non-empty glob")
         solicitors.append(Solicitor(s["source"], s["identifier"]))
-    if not isinstance(data.get("solicitors", []), (list, type(None))):
-        raise err("solicitors", "must be a list")
     if (ops & (ORDER_SCOPED | {Operation.CREATE_ORDER})) and not solicitors:
         raise err("solicitors", "is empty: order operations are allowed but no solicitor is")
     anonymize = data.get("anonymize") or []
@@ -313,9 +314,9 @@ def _parse_rate(data: Any, key: str, err) -> Rate:
     if len(periods) != 1:
         raise err(key, "needs exactly one of per_second, per_minute, per_hour")
     count = data[periods[0]]
-    if isinstance(count, bool) or not isinstance(count, (int, float)) or count <= 0:
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) or count <= 0:
         raise err(f"{key}.{periods[0]}", "must be a positive number")
-    burst = data.get("burst", max(1, int(count)))
+    burst = data["burst"] if "burst" in data else max(1, int(count))
     if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
         raise err(f"{key}.burst", "must be a positive integer")
     return Rate(rate=count / PERIODS[periods[0]], burst=burst)

@@ -33,6 +33,7 @@ from gateway.policy import (
     Decision, Policy, PolicySet, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor, deny,
 )
 from gateway.problem import CONTENT_TYPE as PROBLEM_TYPE
+from gateway.oplog import Summary
 from gateway.problem import problem_bytes
 from gateway.ratelimit import StorageError, Storage, limits_for
 from gateway.metrics import Metrics
@@ -80,6 +81,7 @@ class Gateway:
     metrics: Metrics
     audit: AuditWriter | None = None
     limiter: Storage | None = None
+    revoked: frozenset[tuple[str, int]] = frozenset()   # from tls.crl: refuses open connections too
 
 
 class Refused(Exception):
@@ -123,6 +125,7 @@ def problem_response(ex: Exchange, status: int, slug: str, detail: str) -> web.R
 class Pipeline:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
+        self.upstream_errors = Summary("upstream_error")
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         gw = self.gateway  # one consistent view for the whole request, even across a reload
@@ -139,6 +142,8 @@ class Pipeline:
                 response = await self._forward(gw, request, ex, rt, spool)
         except Refused as exc:
             ex.status, ex.reason, ex.code = exc.status, exc.reason, exc.code
+            if exc.code.startswith("upstream"):
+                self.upstream_errors.add(exc.code, detail=exc.reason)
             response = problem_response(ex, exc.status, _SLUGS.get(exc.status, "denied"), exc.reason)
             if exc.headers:
                 response.headers.update(exc.headers)
@@ -165,7 +170,7 @@ class Pipeline:
                 spool.close()
         if ex.limit_headers and not response.prepared:
             response.headers.update(ex.limit_headers)
-        if not request.content.is_eof():
+        if not request.content.is_eof() or request.get("close"):
             response.force_close()  # a refused body is not read on just to reuse the connection
         if not response.prepared and response.body is not None:
             ex.bytes_out = len(response.body)
@@ -196,6 +201,10 @@ class Pipeline:
         ex.identity = identity
         if identity is None:
             raise Refused(403, "no verified client certificate", "no_certificate")
+        if gw.revoked and (identity.issuer, int(identity.serial, 16)) in gw.revoked:
+            # revoked after this connection's handshake (the CRL was reloaded): answer, then close it
+            request["close"] = True
+            raise Refused(403, "the client certificate has been revoked", "revoked")
         policy, why = gw.policies.find(identity)
         if policy is None:
             raise Refused(403, why, "unknown_client")

@@ -10,7 +10,7 @@ connection and is only cleared by a complete request).
 from __future__ import annotations
 
 import asyncio
-import json
+import dataclasses
 import logging
 import signal
 import ssl
@@ -26,7 +26,8 @@ from gateway.admin import admin_app
 from gateway.config import Config, parse_host_port
 from gateway.policy import PolicyError, load_policies
 from gateway.proxy import Gateway, Pipeline
-from gateway.tls import TLSConfigError, expiry, server_context
+from gateway.oplog import SUMMARY_INTERVAL_S, Summary, event
+from gateway.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, server_context
 from gateway.tls_listener import ContextHolder, TLSSite
 from gateway.audit import Redactor
 from gateway.audit_writer import AuditWriter, load_key, redaction_key
@@ -40,11 +41,6 @@ log = logging.getLogger("gateway")
 
 class StartError(Exception):
     """The gateway cannot start; one line saying why."""
-
-
-def event(kind: str, **fields) -> None:
-    """One JSON line on stdout: the operational log, apart from the audit log."""
-    print(json.dumps({"ts": time.time(), "event": kind, **fields}), flush=True)
 
 
 class EmbeddedReference:
@@ -104,20 +100,33 @@ def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: A
                    audit=audit, limiter=limiter)
 
 
-def tls_context(config: Config) -> ssl.SSLContext:
+def load_tls(config: Config) -> tuple[ssl.SSLContext, CRLFacts | None]:
+    """The TLS context and what the CRL says; raises StartError with one line."""
     try:
-        return server_context(config.tls)
+        return server_context(config.tls), check_crl(config.tls)
     except TLSConfigError as exc:
         raise StartError(f"{config.file}: {exc}") from None
+    except (OSError, ValueError) as exc:
+        raise StartError(f"{config.file}: tls: {exc}") from None
 
 
-def audit_writer(config: Config, metrics: Metrics) -> AuditWriter:
+def note_crl(facts: CRLFacts | None) -> None:
+    if crl_is_stale(facts, time.time()):
+        event("crl_expired", next_update=facts.next_update,
+              detail="the CRL is past its nextUpdate: every client is refused until a fresh CRL is loaded (SIGHUP)")
+
+
+def audit_writer(config: Config, metrics: Metrics, worker: int | None = None) -> AuditWriter:
+    """The audit writer; each worker process keeps a chain (and file) of its own: PATH.wN."""
     try:
         key = load_key(config.audit.key_file)
     except (OSError, ValueError) as exc:
         raise StartError(f"{config.file}: audit.key_file: {exc}") from None
+    path = config.audit.path
+    if worker is not None:
+        path = path.with_name(f"{path.name}.w{worker}")
     redactor = Redactor(config.audit.redact, redaction_key(config.audit.path, key)) if config.audit.redact else None
-    return AuditWriter(config.audit.path, key, redactor, on_written=metrics.audit_records.inc,
+    return AuditWriter(path, key, redactor, on_written=metrics.audit_records.inc,
                        on_dropped=metrics.audit_dropped.inc)
 
 
@@ -130,59 +139,110 @@ def limiter_storage(config: Config) -> Storage | None:
 
 @dataclass
 class Running:
+    config: Config
     pipeline: Pipeline
     contexts: ContextHolder
     runner: web.AppRunner
     admin_runner: web.AppRunner
     reference: EmbeddedReference | None
+    handshakes: Summary
+    tasks: list[asyncio.Task]
 
     @property
     def gateway(self) -> Gateway:
         return self.pipeline.gateway
 
 
-async def start(config: Config) -> Running:
+async def start(config: Config, reuse_port: bool = False, worker: int | None = None) -> Running:
     metrics = Metrics()
-    contexts = ContextHolder(tls_context(config))
+    ctx, crl = load_tls(config)
+    contexts = ContextHolder(ctx)
     metrics.set_expiry(expiry(config.tls).times)
+    note_crl(crl)
     reference = None
     upstream_url = config.upstream.url
     if upstream_url == "embedded":
         reference = EmbeddedReference(config)
         upstream_url = reference.url
     limiter = limiter_storage(config)
-    audit = audit_writer(config, metrics)
+    audit = audit_writer(config, metrics, worker)
     gateway = build_gateway(config, Upstream(upstream_url, config.upstream.timeout_s), metrics, audit, limiter)
-    if reference is not None:
+    gateway.revoked = crl.revoked if crl else frozenset()
+    if reference is not None and worker is None:
         await asyncio.get_running_loop().run_in_executor(None, reference.start)
+    else:
+        reference = None  # a worker's parent runs the embedded upstream
     await gateway.upstream.start()
     await audit.start()
     pipeline = Pipeline(gateway)
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", pipeline.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=10.0,
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.limits.drain_timeout_s,
                            keepalive_timeout=config.limits.header_timeout_s)
     await runner.setup()
-    on_failure = lambda reason: metrics.handshake_failures.labels(reason).inc()  # noqa: E731
+    handshakes = Summary("handshake_failure")
+
+    def on_failure(reason: str) -> None:
+        metrics.handshake_failures.labels(reason).inc()
+        handshakes.add(reason)
+
     site = TLSSite(runner, config.listen.host, config.listen.port, contexts, config.limits.header_timeout_s,
-                   on_failure)
+                   on_failure, reuse_port=reuse_port)
     admin_runner = web.AppRunner(admin_app(pipeline), access_log=None, handle_signals=False)
     await admin_runner.setup()
-    running = Running(pipeline, contexts, runner, admin_runner, reference)
+    running = Running(config, pipeline, contexts, runner, admin_runner, reference, handshakes, [])
     try:
         await site.start()
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port).start()
+        await web.TCPSite(admin_runner, config.admin.host, config.admin.port + (worker or 0),
+                          reuse_port=None).start()
     except OSError as exc:
         await stop(running, quiet=True)
         raise StartError(f"cannot listen: {exc.strerror or exc}") from None
+    running.tasks.append(asyncio.create_task(_summaries(running), name="summaries"))
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
-          admin=f"http://{config.admin.host}:{config.admin.port}", upstream=upstream_url,
+          admin=f"http://{config.admin.host}:{config.admin.port + (worker or 0)}", upstream=upstream_url,
           clients=[p.client for p in gateway.policies.policies], rate_limit=config.rate_limit.storage,
-          audit=str(config.audit.path))
+          audit=str(audit.path), **({"worker": worker} if worker is not None else {}))
     return running
 
 
+async def _summaries(running: Running) -> None:
+    """Once a minute: handshake failure and upstream error summaries, and a stale CRL reminder."""
+    while True:
+        await asyncio.sleep(SUMMARY_INTERVAL_S)
+        running.handshakes.flush()
+        running.pipeline.upstream_errors.flush()
+        try:
+            note_crl(check_crl(running.config.tls))
+        except (TLSConfigError, OSError, ValueError):
+            pass
+
+
+def reload(running: Running) -> bool:
+    """SIGHUP: build the new TLS context and policy set aside, check them, then swap them in at once."""
+    config, gw = running.config, running.gateway
+    try:
+        ctx, crl = load_tls(config)
+        policies = load_policies(config.policies)
+    except (StartError, PolicyError) as exc:
+        gw.metrics.config_reloads.labels("error").inc()
+        event("reload", result="error", error=str(exc), detail="the running configuration is kept")
+        return False
+    running.contexts.context = ctx  # new handshakes only; open connections keep theirs
+    running.pipeline.gateway = dataclasses.replace(gw, policies=policies,
+                                                   revoked=crl.revoked if crl else frozenset())
+    gw.metrics.set_expiry(expiry(config.tls).times)
+    gw.metrics.config_reloads.labels("ok").inc()
+    event("reload", result="ok", clients=[p.client for p in policies.policies],
+          revoked=len(crl.revoked) if crl else 0)
+    note_crl(crl)
+    return True
+
+
 async def stop(running: Running, quiet: bool = False) -> None:
+    """Stop accepting, let in-flight requests finish (limits.drain_timeout_s), flush the audit log."""
+    for task in running.tasks:
+        task.cancel()
     gw = running.gateway
     await running.runner.cleanup()
     await running.admin_runner.cleanup()
@@ -194,22 +254,36 @@ async def stop(running: Running, quiet: bool = False) -> None:
     if running.reference is not None:
         running.reference.stop()
     if not quiet:
+        running.handshakes.flush()
         event("stop")
 
 
-async def _main(config: Config) -> None:
-    running = await start(config)
+async def _main(config: Config, reuse_port: bool = False, worker: int | None = None) -> None:
+    running = await start(config, reuse_port, worker)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, done.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, running)
     try:
         await done.wait()
+        event("stopping", detail="no new connections; finishing requests in flight")
     finally:
         await stop(running)
 
 
-def serve(config: Config) -> None:
+def serve(config: Config, workers: int = 1) -> None:
     """Run until SIGTERM or SIGINT; raises StartError when the gateway cannot start."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if workers > 1:
+        from gateway.workers import run_workers
+
+        run_workers(config, workers)
+        return
     asyncio.run(_main(config))
+
+
+def serve_worker(config: Config, index: int) -> None:
+    """One worker of `serve --workers N` (started by the parent, see workers.py)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    asyncio.run(_main(config, reuse_port=True, worker=index))

@@ -10,6 +10,7 @@ reload can swap it in at once or keep the old one.
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,57 @@ def _need(tls: TLS, key: str) -> Path:
     return Path(path)
 
 
+@dataclass(frozen=True)
+class CRLFacts:
+    """What the CRL file says, read with cryptography (OpenSSL enforces it; this explains it)."""
+
+    revoked: frozenset[tuple[str, int]]     # (issuer RFC 4514, serial)
+    next_update: float | None               # the earliest nextUpdate of the file's CRLs
+    issuers: frozenset[str]
+
+
+_CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
+
+
+def read_crls(path: Path) -> CRLFacts:
+    blocks = _CRL_BLOCK.findall(Path(path).read_bytes())
+    if not blocks:
+        raise TLSConfigError(f"tls.crl: {path} holds no PEM CRL")
+    revoked, updates, issuers = set(), [], set()
+    for block in blocks:
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError:
+            raise TLSConfigError(f"tls.crl: {path} holds a CRL that does not parse") from None
+        issuer = crl.issuer.rfc4514_string()
+        issuers.add(issuer)
+        revoked.update((issuer, r.serial_number) for r in crl)
+        if crl.next_update_utc is not None:
+            updates.append(crl.next_update_utc.timestamp())
+    return CRLFacts(frozenset(revoked), min(updates) if updates else None, frozenset(issuers))
+
+
+def check_crl(tls: TLS) -> CRLFacts | None:
+    """The CRL facts; a chain check needs a CRL for every CA of the bundle. Raises TLSConfigError."""
+    if tls.crl is None:
+        if tls.crl_check == "chain":
+            raise TLSConfigError("tls.crl: crl_check: chain needs tls.crl with a CRL for every CA")
+        return None
+    facts = read_crls(_need(tls, "crl"))
+    if tls.crl_check == "chain":
+        cas = x509.load_pem_x509_certificates(_need(tls, "client_ca").read_bytes())
+        missing = [ca.subject.rfc4514_string() for ca in cas if ca.subject.rfc4514_string() not in facts.issuers]
+        if missing:
+            raise TLSConfigError(
+                f"tls.crl: crl_check: chain needs a CRL for every CA in tls.client_ca; none for {'; '.join(missing)}")
+    return facts
+
+
+def crl_is_stale(facts: CRLFacts | None, now: float) -> bool:
+    """A CRL past its nextUpdate: OpenSSL then refuses every client until a fresh one is loaded."""
+    return facts is not None and facts.next_update is not None and facts.next_update < now
+
+
 def server_context(tls: TLS) -> ssl.SSLContext:
     cert, key, cas = _need(tls, "cert"), _need(tls, "key"), _need(tls, "client_ca")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -53,6 +105,7 @@ def server_context(tls: TLS) -> ssl.SSLContext:
     except (ssl.SSLError, OSError):
         raise TLSConfigError(f"tls.client_ca: {cas} holds no usable CA certificate") from None
     ctx.verify_mode = ssl.CERT_REQUIRED
+    check_crl(tls)
     if tls.crl is not None:
         crl = _need(tls, "crl")
         try:
@@ -73,7 +126,10 @@ def expiry(tls: TLS) -> Expiry:
         for ca in x509.load_pem_x509_certificates(Path(tls.client_ca).read_bytes()):
             times[f"client_ca:{ca.subject.rfc4514_string()}"] = ca.not_valid_after_utc.timestamp()
     if tls.crl and Path(tls.crl).is_file():
-        crl = x509.load_pem_x509_crl(Path(tls.crl).read_bytes())
-        if crl.next_update_utc is not None:
-            times["crl_next_update"] = crl.next_update_utc.timestamp()
+        try:
+            facts = read_crls(Path(tls.crl))
+        except TLSConfigError:
+            facts = None
+        if facts is not None and facts.next_update is not None:
+            times["crl_next_update"] = facts.next_update
     return Expiry(times)

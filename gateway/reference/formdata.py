@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDictProxy
 
 from gateway.reference.forms import MAX_TEXT, FieldError, strict_json
@@ -91,7 +92,7 @@ async def read_multipart(request: web.Request, limit: int, file_fields: tuple[st
                 form.fields.setdefault(part.name, []).append(text)
     except (BodyError, FieldError):
         raise
-    except (ValueError, AssertionError, RuntimeError, KeyError) as exc:
+    except (ValueError, AssertionError, RuntimeError, KeyError, HttpProcessingError) as exc:
         raise BodyError(400, "malformed-body", f"the multipart body is malformed ({type(exc).__name__})") from None
     return form
 
