@@ -27,6 +27,22 @@ def _parser() -> argparse.ArgumentParser:
     ref.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: reference_api.listen)")
     pki.add_parser(sub)
 
+    check = sub.add_parser("check", help="validate the config and every policy file; exit 1 on any problem")
+    check.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+
+    policy = sub.add_parser("policy", help="work with client policies")
+    policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
+    explain = policy_sub.add_parser(
+        "explain", help="which client a certificate maps to and the decision on a request, without sending it",
+        description="Exit 0 when the request would be allowed, 1 when it would be refused.")
+    explain.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    explain.add_argument("--cert", required=True, help="the client certificate (PEM)")
+    explain.add_argument("--method", required=True, help="HTTP method, e.g. POST")
+    explain.add_argument("--path", required=True, help="request path, e.g. /orders")
+    explain.add_argument("--form", action="append", default=[], metavar="NAME=VALUE",
+                         help="a form field of the request (repeatable), e.g. solicitor='{...}'; for order "
+                              "operations, solicitor= gives the order's solicitor")
+
     audit = sub.add_parser("audit", help="work with the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
@@ -34,6 +50,42 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("-c", "--config", help="config file whose audit.key_file keys the chain "
                         "(default: $GATEWAY_CONFIG or ./config.yaml when present)")
     return p
+
+
+def _check(args) -> int:
+    from gateway.checks import check
+
+    problems, warnings = check(args.config)
+    for line in warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    for line in problems:
+        print(line, file=sys.stderr)
+    if problems:
+        return 1
+    print("OK")
+    return 0
+
+
+def _explain(args) -> int:
+    from pathlib import Path
+
+    from gateway.checks import explain
+    from gateway.policy import PolicyError
+
+    form = []
+    for item in args.form:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            print(f"gateway: --form {item!r}: expected NAME=VALUE", file=sys.stderr)
+            return 2
+        form.append((name, value))
+    try:
+        result = explain(args.config, Path(args.cert), args.method, args.path, form)
+    except PolicyError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    print("\n".join(result.lines))
+    return 0 if result.allowed else 1
 
 
 def _audit_verify(args) -> int:
@@ -67,6 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
             run_reference(load_config(args.config), args.listen)
             return 0
+        if args.command == "check":
+            return _check(args)
+        if args.command == "policy":
+            return _explain(args)
         if args.command == "audit":
             return _audit_verify(args)
         if args.command == "certs":

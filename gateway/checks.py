@@ -1,0 +1,158 @@
+"""`gateway check` and `gateway policy explain`: answers without starting anything.
+
+check: every problem of the config file, the policy files, the TLS files, the
+keys and the storage settings, one line each, naming file and key.
+explain: which client a certificate maps to, and the decision the gateway
+would take on a request, from the same core functions the pipeline calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from gateway.audit_writer import load_key
+from gateway.config import Config, ConfigError, load_config
+from gateway.identity import Identity, identity_from_der
+from gateway.multipart import json_value
+from gateway.operations import ORDER_SCOPED, Operation, route
+from gateway.policy import (
+    Decision, PolicySet, check_policies, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor,
+    load_policies,
+)
+from gateway.ratelimit import storage_from_url
+from gateway.tls import TLSConfigError, check_crl, crl_is_stale, server_context
+from gateway.token import load_or_create_key
+
+EXPIRY_WARNING_DAYS = 14
+
+
+def check(config_file: str | None) -> tuple[list[str], list[str]]:
+    """(problems, warnings) of a configuration and everything it names."""
+    try:
+        config = load_config(config_file)
+    except ConfigError as exc:
+        return [str(exc)], []
+    problems: list[str] = [str(p) for p in check_policies(config.policies)]
+    warnings: list[str] = []
+    where = str(config.file)
+    try:
+        server_context(config.tls)
+        facts = check_crl(config.tls)
+        if crl_is_stale(facts, time.time()):
+            problems.append(f"{where}: tls.crl: {config.tls.crl} is past its nextUpdate: every client would be refused")
+    except TLSConfigError as exc:
+        problems.append(f"{where}: {exc}")
+    warnings += _expiry_warnings(config)
+    if config.identity_token is not None:
+        key = config.identity_token.key
+        if key is None:
+            problems.append(f"{where}: identity_token.key: is required")
+        elif key.exists():
+            try:
+                load_or_create_key(key)
+            except (OSError, ValueError) as exc:
+                problems.append(f"{where}: identity_token.key: {exc}")
+        else:
+            warnings.append(f"{where}: identity_token.key: {key} does not exist yet; it is created on first start")
+    try:
+        load_key(config.audit.key_file)
+    except (OSError, ValueError) as exc:
+        problems.append(f"{where}: audit.key_file: {exc}")
+    if not config.audit.path.parent.exists():
+        warnings.append(f"{where}: audit.path: {config.audit.path.parent} does not exist yet; it is created on start")
+    try:
+        storage_from_url(config.rate_limit.storage)
+    except ValueError as exc:
+        problems.append(f"{where}: rate_limit.storage: {exc}")
+    if config.upstream.url == "embedded" and config.reference_api.directory is not None \
+            and not config.reference_api.directory.is_file():
+        problems.append(f"{where}: reference_api.directory: {config.reference_api.directory} does not exist")
+    return problems, warnings
+
+
+def _expiry_warnings(config: Config) -> list[str]:
+    out = []
+    soon = time.time() + EXPIRY_WARNING_DAYS * 86400
+    for key in ("cert", "client_ca"):
+        path = getattr(config.tls, key)
+        if path is None or not Path(path).is_file():
+            continue
+        try:
+            certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+        except ValueError:
+            continue
+        for cert in certs:
+            if cert.not_valid_after_utc.timestamp() < soon:
+                out.append(f"{config.file}: tls.{key}: {cert.subject.rfc4514_string()} expires "
+                           f"{cert.not_valid_after_utc:%Y-%m-%d}")
+    return out
+
+
+@dataclass(frozen=True)
+class Explanation:
+    lines: list[str]
+    allowed: bool
+
+
+def explain(config_file: str | None, cert_pem: Path, method: str, path: str,
+            form: list[tuple[str, str]]) -> Explanation:
+    """What the gateway would decide, without sending anything."""
+    config = load_config(config_file)
+    policies: PolicySet = load_policies(config.policies)
+    identity = _identity(cert_pem)
+    lines = [f"certificate: {identity.subject} (issuer {identity.issuer}, serial {identity.serial})",
+             f"fingerprint_sha256: {identity.fingerprint_sha256}"]
+    policy, why = policies.find(identity)
+    if policy is None:
+        return Explanation(lines + [f"client: none ({why})", "decision: deny 403"], False)
+    lines.append(f"client: {policy.client} ({policy.file}, mode {policy.mode})")
+    rt = route(method.upper(), path)
+    if rt is None:
+        return Explanation(lines + [f"operation: none ({method.upper()} {path} is no operation)",
+                                    "decision: deny 404"], False)
+    lines.append(f"operation: {rt.operation.value}" + (f" (order {rt.order_id})" if rt.order_id else ""))
+    fields: dict[str, list[str]] = {}
+    for name, value in form:
+        fields.setdefault(name, []).append(value)
+    decision = decide_operation(policy, rt.operation)
+    if decision.allow:
+        decision, note = _decide_facts(policy, rt.operation, fields)
+        if note:
+            lines.append(note)
+    if not decision.allow and policy.mode == "report" and decision.status in (403, 404):
+        lines.append(f"decision: allow (report mode; would deny {decision.status}: {decision.reason})")
+        return Explanation(lines, True)
+    verdict = "allow" if decision.allow else f"deny {decision.status}"
+    lines.append(f"decision: {verdict}: {decision.reason}")
+    return Explanation(lines, decision.allow)
+
+
+def _decide_facts(policy, operation: Operation, fields: dict[str, list[str]]) -> tuple[Decision, str | None]:
+    solicitors = ", ".join(f"{s.source}:{s.identifier}" for s in policy.solicitors) or "none"
+    if operation is Operation.CREATE_ORDER:
+        values = [json_value(v) for v in fields.get("solicitor", [])]
+        return decide_solicitor(policy, values), None
+    if operation is Operation.ANONYMIZE_USER:
+        return decide_anonymize(policy, fields), None
+    if operation in ORDER_SCOPED:
+        given = fields.get("solicitor")
+        if not given:
+            return Decision.ok("allowed if the order's solicitor is one of: " + solicitors), (
+                "order scope: the order's solicitor is looked up from the upstream at request time; "
+                "give it with --form solicitor=JSON to check it here")
+        value = json_value(given[0])
+        return decide_order_scope(policy, value if isinstance(value, dict) else None), None
+    return Decision.ok(), None
+
+
+def _identity(cert_pem: Path) -> Identity:
+    try:
+        cert = x509.load_pem_x509_certificate(Path(cert_pem).read_bytes())
+    except ValueError:
+        raise ConfigError(cert_pem, "", "is not a PEM certificate") from None
+    return identity_from_der(cert.public_bytes(serialization.Encoding.DER))
