@@ -1,5 +1,8 @@
 # The gateway as a container: `gateway serve` as a non-root user.
-# Mount your own config, policies and certificates over /etc/gateway.
+#   docker build -t gateway .
+#   docker run -p 8443:8443 -v $PWD/certs.example:/etc/gateway/certs:ro gateway
+# Mount your own certificates over /etc/gateway/certs, policies over /etc/gateway/policies,
+# and a volume on /var/lib/gateway for the audit log and data.
 FROM python:3.11-slim
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway
@@ -9,11 +12,13 @@ COPY gateway ./gateway
 RUN pip install --no-cache-dir . && rm -rf /root/.cache
 
 WORKDIR /etc/gateway
-COPY config.yaml directory.yaml ./
+COPY deploy/container-config.yaml ./config.yaml
+COPY directory.yaml ./
 COPY policies ./policies
-RUN mkdir -p /etc/gateway/data && chown gateway /etc/gateway/data
+RUN mkdir -p /etc/gateway/certs /var/lib/gateway && chown -R gateway /var/lib/gateway
 
 USER gateway
+VOLUME ["/var/lib/gateway"]
 EXPOSE 8443 9102
 HEALTHCHECK --interval=15s --timeout=3s --retries=3 \
   CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9102/healthz', timeout=2).status == 200 else 1)"

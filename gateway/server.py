@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from gateway.admin import admin_app
+from gateway.admin import admin_app, readiness
 from gateway.config import Config, parse_host_port
 from gateway.policy import PolicyError, load_policies
 from gateway.proxy import Gateway, Pipeline
@@ -37,6 +37,9 @@ from gateway.token import TokenIssuer, load_or_create_key
 from gateway.upstream import Upstream
 
 log = logging.getLogger("gateway")
+
+
+READINESS_INTERVAL_S = 5.0
 
 
 class StartError(Exception):
@@ -199,6 +202,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         await stop(running, quiet=True)
         raise StartError(f"cannot listen: {exc.strerror or exc}") from None
     running.tasks.append(asyncio.create_task(_summaries(running), name="summaries"))
+    running.tasks.append(asyncio.create_task(_readiness(running), name="readiness"))
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
           admin=f"http://{config.admin.host}:{config.admin.port + (worker or 0)}", upstream=upstream_url,
           clients=[p.client for p in gateway.policies.policies], rate_limit=config.rate_limit.storage,
@@ -216,6 +220,15 @@ async def _summaries(running: Running) -> None:
             note_crl(check_crl(running.config.tls))
         except (TLSConfigError, OSError, ValueError):
             pass
+
+
+async def _readiness(running: Running) -> None:
+    """Keep gateway_ready current even when nobody polls /readyz."""
+    while True:
+        gw = running.gateway
+        problems = await readiness(gw)
+        gw.metrics.ready.set(0 if problems else 1)
+        await asyncio.sleep(READINESS_INTERVAL_S)
 
 
 def reload(running: Running) -> bool:

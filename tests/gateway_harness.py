@@ -49,7 +49,7 @@ POLICIES = {
 
 
 @dataclass
-class TestPKI:
+class PKIFolder:
     dir: Path
 
     def client(self, name: str) -> tuple[Path, Path]:
@@ -63,7 +63,7 @@ class TestPKI:
         return self.dir / "ca.crt"
 
 
-def build_pki(dir: Path) -> TestPKI:
+def build_pki(dir: Path) -> PKIFolder:
     """The example PKI plus certificates only the handshake may refuse (all named hr-system)."""
     pki.init(dir, ["hr-system", "crm", "stranger", "twin", "lawyer", "revoked-one"])
     ca_cert, ca_key = pki.load_ca(dir)
@@ -83,10 +83,10 @@ def build_pki(dir: Path) -> TestPKI:
     other_ca = pki.make_ca("another CA", not_before=NOW - DAY, not_after=NOW + 10 * DAY)
     put("wrong-ca", pki.make_client_cert(*other_ca, "hr-system", not_before=NOW - DAY, not_after=NOW + 10 * DAY))
     pki.revoke(dir, "revoked-one")
-    return TestPKI(dir)
+    return PKIFolder(dir)
 
 
-def write_config(dir: Path, test_pki: TestPKI, upstream_url: str, policies: dict | None = None,
+def write_config(dir: Path, test_pki: PKIFolder, upstream_url: str, policies: dict | None = None,
                  **sections) -> Path:
     """A config.yaml (and policies/) for the gateway on free ports; `sections` override whole sections."""
     pol_dir = dir / "policies"
@@ -122,14 +122,14 @@ async def gateway_running(config_path: Path):
         await server.stop(running)
 
 
-def client_context(test_pki: TestPKI, cert: tuple[Path, Path] | None) -> ssl.SSLContext:
+def client_context(test_pki: PKIFolder, cert: tuple[Path, Path] | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(test_pki.ca))
     if cert is not None:
         ctx.load_cert_chain(*map(str, cert))
     return ctx
 
 
-def session(test_pki: TestPKI, cert: tuple[Path, Path] | None) -> aiohttp.ClientSession:
+def session(test_pki: PKIFolder, cert: tuple[Path, Path] | None) -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_context(test_pki, cert)))
 
 
