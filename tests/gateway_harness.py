@@ -164,6 +164,8 @@ class RecordingUpstream:
                         and dict((k.lower(), v) for k, v in r.headers).get("accept") == "application/json")]
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        if request.raw_path == "/":
+            return web.Response(status=404, text="readiness probe")  # the gateway's /readyz check: not a call
         digest, length = hashlib.sha256(), 0
         async for chunk in request.content.iter_any():
             digest.update(chunk)
