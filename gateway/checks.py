@@ -26,7 +26,7 @@ from gateway.policy import (
 )
 from gateway.ratelimit import storage_from_url
 from gateway.tls import TLSConfigError, check_crl, crl_is_stale, server_context
-from gateway.token import load_or_create_key
+from gateway.token import TokenIssuer, load_or_create_key
 
 EXPIRY_WARNING_DAYS = 14
 
@@ -37,9 +37,12 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
         config = load_config(config_file)
     except ConfigError as exc:
         return [str(exc)], []
-    problems: list[str] = [str(p) for p in check_policies(config.policies)]
-    warnings: list[str] = []
     where = str(config.file)
+    if config.policies.is_dir():
+        problems: list[str] = [str(p) for p in check_policies(config.policies)]
+    else:
+        problems = [f"{where}: policies: {config.policies} is not a folder of policy files"]
+    warnings: list[str] = []
     try:
         server_context(config.tls)
         facts = check_crl(config.tls)
@@ -54,7 +57,7 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
             problems.append(f"{where}: identity_token.key: is required")
         elif key.exists():
             try:
-                load_or_create_key(key)
+                TokenIssuer(load_or_create_key(key), config.identity_token.audience, config.identity_token.ttl_s)
             except (OSError, ValueError) as exc:
                 problems.append(f"{where}: identity_token.key: {exc}")
         else:
@@ -152,7 +155,11 @@ def _decide_facts(policy, operation: Operation, fields: dict[str, list[str]]) ->
 
 def _identity(cert_pem: Path) -> Identity:
     try:
-        cert = x509.load_pem_x509_certificate(Path(cert_pem).read_bytes())
+        data = Path(cert_pem).read_bytes()
+    except OSError as exc:
+        raise ConfigError(cert_pem, "", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        cert = x509.load_pem_x509_certificate(data)
     except ValueError:
         raise ConfigError(cert_pem, "", "is not a PEM certificate") from None
     return identity_from_der(cert.public_bytes(serialization.Encoding.DER))

@@ -34,7 +34,8 @@ def _parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
     explain = policy_sub.add_parser(
         "explain", help="which client a certificate maps to and the decision on a request, without sending it",
-        description="Exit 0 when the request would be allowed, 1 when it would be refused.")
+        description="Exit 0 when the request would be allowed, 1 when it would be refused, "
+                    "2 when the input cannot be used.")
     explain.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
     explain.add_argument("--cert", required=True, help="the client certificate (PEM)")
     explain.add_argument("--method", required=True, help="HTTP method, e.g. POST")
@@ -81,7 +82,7 @@ def _explain(args) -> int:
         form.append((name, value))
     try:
         result = explain(args.config, Path(args.cert), args.method, args.path, form)
-    except PolicyError as exc:
+    except (PolicyError, ConfigError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     print("\n".join(result.lines))

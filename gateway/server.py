@@ -86,6 +86,8 @@ class EmbeddedReference:
 def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: AuditWriter | None,
                   limiter: Storage | None) -> Gateway:
     """Everything the pipeline needs, checked; raises StartError with one line."""
+    if not config.policies.is_dir():
+        raise StartError(f"{config.file}: policies: {config.policies} is not a folder of policy files")
     try:
         policies = load_policies(config.policies)
     except PolicyError as exc:

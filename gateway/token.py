@@ -39,11 +39,11 @@ def load_or_create_key(path: Path):
 def _algorithm(key) -> str:
     if isinstance(key, (ec.EllipticCurvePrivateKey, ec.EllipticCurvePublicKey)):
         if key.curve.name != "secp256r1":
-            raise ValueError("identity_token.key must be an EC P-256 or Ed25519 key")
+            raise ValueError("must be an EC P-256 or Ed25519 key")
         return "ES256"
     if isinstance(key, (ed25519.Ed25519PrivateKey, ed25519.Ed25519PublicKey)):
         return "EdDSA"
-    raise ValueError("identity_token.key must be an EC P-256 or Ed25519 key")
+    raise ValueError("must be an EC P-256 or Ed25519 key")
 
 
 def thumbprint(fingerprint_hex: str) -> str:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from conftest import gateway_command
@@ -30,8 +31,8 @@ def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return proc
 
 
-def check(config: Path) -> tuple[int, str, list[str]]:
-    proc = run("check", "-c", str(config), cwd=config.parent)
+def check(config: Path, cwd: Path | None = None) -> tuple[int, str, list[str]]:
+    proc = run("check", "-c", str(config), cwd=cwd or config.parent)
     return proc.returncode, proc.stdout, proc.stderr.splitlines()
 
 
@@ -43,7 +44,6 @@ def line_with(lines: list[str], *parts: str) -> str:
 
 
 def config(tmp_path: Path, test_pki, tls: dict | None = None, policies: dict | None = None, **sections) -> Path:
-    """write_config with some tls keys replaced; returns the resolved path."""
     base = {"cert": str(test_pki.dir / "server.crt"), "key": str(test_pki.dir / "server.key"),
             "client_ca": str(test_pki.ca), "crl": str(test_pki.dir / "crl.pem")}
     return write_config(tmp_path, test_pki, UPSTREAM, policies, tls={**base, **(tls or {})}, **sections).resolve()
@@ -56,48 +56,28 @@ def fails_with(path: Path, *parts: str) -> str:
 
 
 # -- gateway check: the config file ---------------------------------------------------------
-
-
 def test_committed_config_is_ok(tmp_path):
-    rc, out, err = check(ROOT / "config.yaml")
+    rc, out, err = check(ROOT / "config.yaml", cwd=tmp_path)  # its paths are relative to its folder, not the cwd
     assert (rc, out.strip()) == (0, "OK"), err
 
 
-def write_raw(tmp_path: Path, text: str) -> Path:
-    path = (tmp_path / "config.yaml").resolve()
-    path.write_text(text)
-    return path
-
-
-def test_unknown_top_level_key(tmp_path):
-    assert "unknown key" in fails_with(write_raw(tmp_path, "listen: {port: 8443}\ncolour: blue\n"), ": colour:")
-
-
-def test_unknown_nested_key(tmp_path):
-    assert "unknown key" in fails_with(write_raw(tmp_path, "tls: {colour: blue}\n"), ": tls.colour:")
-
-
-def test_bad_value_type(tmp_path):
-    assert "integer" in fails_with(write_raw(tmp_path, 'listen: {port: "x"}\n'), ": listen.port:")
-
-
-def test_bad_choice(tmp_path):
-    line = fails_with(write_raw(tmp_path, "tls: {crl_check: sometimes}\n"), ": tls.crl_check:")
-    assert "leaf" in line and "chain" in line
-
-
-def test_invalid_yaml(tmp_path):
-    assert "not valid YAML at line 2" in fails_with(write_raw(tmp_path, "listen: {port: 1}\ntls: cert: x\n"))
+@pytest.mark.parametrize("text, key, message", [
+    ("listen: {port: 8443}\ncolour: blue\n", ": colour:", "unknown key"),
+    ("tls: {colour: blue}\n", ": tls.colour:", "unknown key"),
+    ('listen: {port: "x"}\n', ": listen.port:", "must be a non-negative integer"),
+    ("tls: {crl_check: sometimes}\n", ": tls.crl_check:", "must be one of leaf, chain"),
+    ("listen: {port: 1}\ntls: cert: x\n", ": not valid YAML", "at line 2"),
+], ids=["unknown-top-level-key", "unknown-nested-key", "bad-type", "bad-choice", "invalid-yaml"])
+def test_config_file_problem(tmp_path, text, key, message):
+    (tmp_path / "config.yaml").write_text(text)
+    assert message in fails_with((tmp_path / "config.yaml").resolve(), key)
 
 
 def test_missing_config_file(tmp_path):
-    path = (tmp_path / "nowhere.yaml").resolve()
-    assert "cannot read" in fails_with(path)
+    assert "cannot read" in fails_with((tmp_path / "nowhere.yaml").resolve())
 
 
 # -- gateway check: policy files ----------------------------------------------------------------
-
-
 def test_two_bad_policy_files_give_two_lines(tmp_path, test_pki):
     bad = {**POLICIES, "crm": {**POLICIES["crm"], "colour": "blue"},
            "lawyer": {**POLICIES["lawyer"], "allow": ["anonymize_user", "launch_rockets"]}}
@@ -118,24 +98,23 @@ def test_client_name_used_twice(tmp_path, test_pki):
     assert rc == 1 and "'crm'" in line and str(folder / "crm.yaml") in line
 
 
-def test_policy_folder_missing(tmp_path, test_pki):
+def no_policy_folder(tmp_path: Path, test_pki) -> Path:
     path = config(tmp_path, test_pki)
     path.write_text(json.dumps({**json.loads(path.read_text()), "policies": "no-such-folder"}))
+    return path
+
+
+def test_policy_folder_missing(tmp_path, test_pki):
+    path = no_policy_folder(tmp_path, test_pki)
     rc, _, err = check(path)
     assert rc == 1 and "is not a folder of policy files" in line_with(err, str(path.parent / "no-such-folder"))
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/policy.py check_policies: the missing-folder line names the folder "
-                   "but neither config.yaml nor its `policies` key")
 def test_policy_folder_missing_names_config_key(tmp_path, test_pki):
-    path = config(tmp_path, test_pki)
-    path.write_text(json.dumps({**json.loads(path.read_text()), "policies": "no-such-folder"}))
-    fails_with(path, ": policies:", "no-such-folder")
+    fails_with(no_policy_folder(tmp_path, test_pki), ": policies:", "no-such-folder")
 
 
 # -- gateway check: TLS files ---------------------------------------------------------------------
-
-
 def test_tls_cert_missing(tmp_path, test_pki):
     path = config(tmp_path, test_pki, tls={"cert": str(tmp_path / "missing.crt")})
     assert "does not exist" in fails_with(path, ": tls.cert:", "missing.crt")
@@ -166,20 +145,17 @@ def test_chain_check_needs_a_crl_for_every_ca(tmp_path, test_pki):
     assert "every CA" in line and second_cert.subject.rfc4514_string() in line
     assert "CN=" + pki.CA_CN not in line  # the first CA has its CRL
     # With the second CA's CRL added, the chain check passes.
-    crls = tmp_path / "crls.pem"
     second_crl = pki.make_crl(second_cert, second_key, number=1, last_update=NOW - DAY, next_update=NOW + 7 * DAY)
-    crls.write_bytes((test_pki.dir / "crl.pem").read_bytes()
-                     + second_crl.public_bytes(PEM))
-    rc, out, err = check(config(tmp_path, test_pki, tls={"client_ca": str(bundle), "crl": str(crls),
-                                                          "crl_check": "chain"}))
+    (tmp_path / "crls.pem").write_bytes((test_pki.dir / "crl.pem").read_bytes() + second_crl.public_bytes(PEM))
+    tls = {"client_ca": str(bundle), "crl": str(tmp_path / "crls.pem"), "crl_check": "chain"}
+    rc, out, err = check(config(tmp_path, test_pki, tls=tls))
     assert (rc, out.strip()) == (0, "OK"), err
 
 
 def test_crl_past_next_update(tmp_path, test_pki):
     ca_cert, ca_key = pki.load_ca(test_pki.dir)
     stale = tmp_path / "stale.pem"
-    pki.write_pem(stale, pki.make_crl(ca_cert, ca_key, number=99, last_update=NOW - 10 * DAY,
-                                      next_update=NOW - DAY))
+    pki.write_pem(stale, pki.make_crl(ca_cert, ca_key, number=99, last_update=NOW - 10 * DAY, next_update=NOW - DAY))
     assert "nextUpdate" in fails_with(config(tmp_path, test_pki, tls={"crl": str(stale)}), ": tls.crl:", "stale.pem")
 
 
@@ -196,18 +172,11 @@ def test_server_cert_expiring_soon_is_a_warning(tmp_path, test_pki):
 
 
 # -- gateway check: keys and storage ----------------------------------------------------------------
-
-
 def test_identity_token_key_not_a_key(tmp_path, test_pki):
-    path = config(tmp_path, test_pki, identity_token={"key": str(test_pki.ca)})
-    fails_with(path, ": identity_token.key:")
+    assert fails_with(config(tmp_path, test_pki, identity_token={"key": str(test_pki.ca)}), ": identity_token.key:")
 
 
-@pytest.mark.xfail(strict=True, reason="gateway/checks.py check() only loads identity_token.key; an RSA key passes "
-                   "`gateway check` but `gateway serve` refuses it (TokenIssuer: must be EC P-256 or Ed25519)")
 def test_identity_token_key_of_wrong_type(tmp_path, test_pki):
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
     pki.write_pem(tmp_path / "rsa.key", rsa.generate_private_key(65537, 2048))
     path = config(tmp_path, test_pki, identity_token={"key": str(tmp_path / "rsa.key")})
     assert "P-256" in fails_with(path, ": identity_token.key:")
@@ -225,8 +194,6 @@ def test_rate_limit_storage_unknown(tmp_path, test_pki):
 
 
 # -- gateway policy explain ---------------------------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def explain_config(tmp_path_factory, test_pki) -> Path:
     return write_config(tmp_path_factory.mktemp("explain"), test_pki, UPSTREAM)
@@ -235,8 +202,7 @@ def explain_config(tmp_path_factory, test_pki) -> Path:
 def explain(config_path: Path, test_pki, client: str, method: str, path: str, *form: str):
     args = ["policy", "explain", "-c", str(config_path), "--cert", str(test_pki.client(client)[0]),
             "--method", method, "--path", path]
-    for f in form:
-        args += ["--form", f]
+    args += [x for f in form for x in ("--form", f)]
     proc = run(*args, cwd=config_path.parent)
     return proc.returncode, proc.stdout.splitlines()
 
@@ -250,19 +216,17 @@ def explain(config_path: Path, test_pki, client: str, method: str, path: str, *f
 def test_explain_create_order(explain_config, test_pki, form, rc, decision):
     got, lines = explain(explain_config, test_pki, "crm", "POST", "/orders", *form)
     assert got == rc, lines
-    assert line_with(lines, "client: crm")
-    assert line_with(lines, "operation: create_order")
+    assert line_with(lines, "client: crm") and line_with(lines, "operation: create_order")
     assert lines[-1].startswith(decision), lines
 
 
-def test_explain_operation_not_allowed(explain_config, test_pki):
-    rc, lines = explain(explain_config, test_pki, "crm", "DELETE", f"/orders/{GUID}")
-    assert rc == 1 and lines[-1].startswith("decision: deny 403") and "delete_order" in lines[-1]
-
-
-def test_explain_no_operation(explain_config, test_pki):
-    rc, lines = explain(explain_config, test_pki, "crm", "GET", "/admin/secrets")
-    assert rc == 1 and lines[-1] == "decision: deny 404"
+@pytest.mark.parametrize("method, path, decision", [
+    ("DELETE", f"/orders/{GUID}", "decision: deny 403: operation delete_order is not allowed for client crm"),
+    ("GET", "/admin/secrets", "decision: deny 404"),
+], ids=["not-allowed", "no-operation"])
+def test_explain_refused_operation(explain_config, test_pki, method, path, decision):
+    rc, lines = explain(explain_config, test_pki, "crm", method, path)
+    assert rc == 1 and lines[-1] == decision, lines
 
 
 def test_explain_stranger(explain_config, test_pki):
@@ -303,17 +267,25 @@ def test_explain_report_mode(tmp_path, test_pki):
 
 
 def test_explain_form_without_equals(explain_config, test_pki):
-    proc = run("policy", "explain", "-c", str(explain_config), "--cert", str(test_pki.client("crm")[0]),
-               "--method", "POST", "--path", "/orders", "--form", "solicitor", cwd=explain_config.parent)
+    proc = explain_run(explain_config, test_pki.client("crm")[0], "--form", "solicitor")
     assert proc.returncode == 2 and "NAME=VALUE" in proc.stderr and not proc.stdout
 
 
+def explain_run(config_path: Path, cert: Path, *extra: str) -> subprocess.CompletedProcess:
+    return run("policy", "explain", "-c", str(config_path), "--cert", str(cert), "--method", "POST",
+               "--path", "/orders", *extra, cwd=config_path.parent)
+
+
 def test_explain_bad_policy_file_exits_2(tmp_path, test_pki):
-    path = write_config(tmp_path, test_pki, UPSTREAM, {"crm": {**POLICIES["crm"], "colour": "blue"}})
-    proc = run("policy", "explain", "-c", str(path), "--cert", str(test_pki.client("crm")[0]),
-               "--method", "POST", "--path", "/orders", cwd=tmp_path)
+    path = write_config(tmp_path, test_pki, UPSTREAM, {"crm": {**POLICIES["crm"], "colour": "blue"}}).resolve()
+    proc = explain_run(path, test_pki.client("crm")[0])
     assert proc.returncode == 2 and f"{path.parent / 'policies' / 'crm.yaml'}: colour: unknown key" in proc.stderr
     assert not proc.stdout
+
+
+def test_explain_missing_cert_file_is_named(explain_config, tmp_path):
+    proc = explain_run(explain_config, tmp_path / "nope.crt")
+    assert proc.returncode != 0 and "nope.crt" in proc.stderr and not proc.stdout
 
 
 @pytest.mark.parametrize("command", [
