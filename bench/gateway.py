@@ -35,6 +35,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # before bench/ itself, whose gateway.py is this file
 from gateway import pki  # noqa: E402
+from support import client_ssl, free_port, poll_ready, stop  # noqa: E402
 
 ORDER_ID = "22222222-2222-4222-8222-222222222222"
 SOLICITOR = {"source": "EXTERNAL", "identifier": "198603052385"}
@@ -80,33 +81,8 @@ def serve_upstream(port: int) -> None:
     web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)  # SIGTERM stops it
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def client_ssl(pki_dir: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(pki_dir / "ca.crt"))
-    ctx.load_cert_chain(str(pki_dir / "clients" / "bench.crt"), str(pki_dir / "clients" / "bench.key"))
-    return ctx
-
-
 def wait_ready(name: str, proc: subprocess.Popen, log: Path, probe) -> None:
-    """Call probe() until it returns without OSError, the process exits, or the deadline passes."""
-    tail = lambda log: log.read_text(errors="replace")[-3000:] if log.exists() else ""  # noqa: E731
-    deadline, delay = time.monotonic() + READY_DEADLINE_S, 0.02
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail(log)}")
-        try:
-            probe()
-            return
-        except OSError:
-            pass
-        time.sleep(delay)  # back-off between polls, not a fixed wait for readiness
-        delay = min(delay * 2, 0.5)
-    raise RuntimeError(f"{name} not ready within {READY_DEADLINE_S:.0f}s:\n{tail(log)}")
+    poll_ready(name, proc, probe, READY_DEADLINE_S, log)
 
 
 def handshake(port: int, ctx: ssl.SSLContext) -> None:
@@ -124,16 +100,6 @@ def http_get(url: str) -> None:
 def start(cmd: list[str], log: Path) -> subprocess.Popen:
     with log.open("wb") as out:
         return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def write_gateway_config(tmp: Path, upstream_port: int) -> tuple[Path, int, int]:
@@ -160,7 +126,7 @@ def cpu_ticks(pid: int) -> int:
 
 
 async def load(url: str, pki_dir: Path | None, conns: int, warmup: float, duration: float, barrier) -> tuple:
-    ctx = client_ssl(pki_dir) if pki_dir else False
+    ctx = client_ssl(pki_dir, "bench") if pki_dir else False
     connector = aiohttp.TCPConnector(limit=conns, ssl=ctx)  # keep-alive: connections are reused
     count, errors, latencies, first_error = 0, 0, [], ""
     async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
@@ -273,7 +239,7 @@ def main() -> int:
         pki_dir, up = tmp / "pki", free_port()
         try:
             pki.init(pki_dir, ["bench"])
-            ctx = client_ssl(pki_dir)
+            ctx = client_ssl(pki_dir, "bench")
             procs.append(upstream := start([sys.executable, __file__, "--serve-upstream", str(up)], tmp / "up.log"))
             urls = {"direct": (f"http://127.0.0.1:{up}", None, None)}
             wait_ready("upstream", upstream, tmp / "up.log", lambda: http_get(f"{urls['direct'][0]}/orders/{ORDER_ID}"))

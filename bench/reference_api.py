@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import math
 import re
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,6 +32,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gateway.reference.documents import sample_pdf  # noqa: E402
+from support import free_port, poll_ready, stop  # noqa: E402
 
 SOLICITOR = '{"source":"INTERNAL","identifier":"sAMAccountName=cborgstrom","attributes":{}}'
 SIGNER_EXTERNAL = ('{"source":"EXTERNAL","identifier":"198603052385","attributes":'
@@ -47,28 +47,17 @@ READY_DEADLINE_S = 30.0
 
 def wait_ready(url: str, proc: subprocess.Popen | None, log: Path | None) -> None:
     """Poll GET {url}/healthz until it answers 200, the server exits, or the deadline passes."""
-    deadline = time.monotonic() + READY_DEADLINE_S
-    delay = 0.02
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            sys.exit(f"reference API exited with {proc.returncode}:\n{log.read_text() if log else ''}")
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(delay)  # back-off between polls, not a fixed wait for readiness
-        delay = min(delay * 2, 0.5)
-    sys.exit(f"{url}/healthz did not answer within {READY_DEADLINE_S:.0f}s")
+    try:
+        poll_ready("reference API", proc, lambda: urllib.request.urlopen(url + "/healthz", timeout=2).close(),
+                   READY_DEADLINE_S, log)
+    except RuntimeError as exc:
+        sys.exit(str(exc))
 
 
 def start_server(tmp: Path) -> tuple[str, subprocess.Popen, Path]:
     """Run `gateway reference-api` with config.yaml's reference_api section, data in `tmp`."""
     ref = dict(yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))["reference_api"])
-    with socket.socket() as sock:  # a free port on 127.0.0.1
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ref.update(listen=f"127.0.0.1:{port}", data_dir=str(tmp / "data"),
                directory=str(ROOT / "directory.yaml"))
     config = tmp / "config.yaml"
@@ -189,13 +178,7 @@ def main() -> int:
                   f"100 KB PDF per order")
             phases = asyncio.run(bench(url, args.requests, args.concurrency))
         finally:
-            if proc is not None:  # stop the server we started: terminate, wait (kill if it hangs)
-                proc.terminate()
-                try:
-                    proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop(proc)  # the server we started, if any
     for phase in phases:
         phase.report()
     base, creates, reads = phases

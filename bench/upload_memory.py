@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import re
-import signal
 import socket
 import ssl
 import subprocess
@@ -37,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from gateway import pki  # noqa: E402
 from gateway.reference.documents import sample_pdf  # noqa: E402
+from support import client_ssl, free_port, poll_ready, stop  # noqa: E402
 
 MB = 1024 * 1024
 SOLICITOR = '{"source":"INTERNAL","identifier":"sAMAccountName=cborgstrom","attributes":{}}'
@@ -48,12 +48,6 @@ REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=300)
 POLICY = {"client": "hr-system", "match": {"common_name": "hr-system"},
           "allow": ["create_order", "download_document"],
           "solicitors": [{"source": "INTERNAL", "identifier": "sAMAccountName=*"}]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_config(tmp: Path) -> tuple[Path, int, int]:
@@ -79,32 +73,17 @@ def write_config(tmp: Path) -> tuple[Path, int, int]:
     return path, port, admin
 
 
-def client_ssl(tmp: Path) -> ssl.SSLContext:
-    ctx = ssl.create_default_context(cafile=str(tmp / "pki" / "ca.crt"))
-    ctx.load_cert_chain(*(str(tmp / "pki" / "clients" / f"hr-system.{ext}") for ext in ("crt", "key")))
-    return ctx
-
-
 def wait_ready(proc: subprocess.Popen, log: Path, admin: int, port: int, ctx: ssl.SSLContext) -> None:
     """Poll the admin /healthz, then an mTLS handshake on the front door, until the deadline."""
-    deadline = time.monotonic() + READY_DEADLINE_S
-    delay, healthy = 0.02, False
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"gateway exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if not healthy:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=2) as resp:
-                    healthy = resp.status == 200
-            if healthy:
-                with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
-                    with ctx.wrap_socket(raw, server_hostname="localhost"):
-                        return
-        except OSError:
-            pass
-        time.sleep(delay)  # back-off between polls, not a fixed wait for readiness
-        delay = min(delay * 2, 0.5)
-    sys.exit(f"gateway not ready within {READY_DEADLINE_S:.0f}s:\n{log.read_text()}")
+    def probe() -> None:
+        urllib.request.urlopen(f"http://127.0.0.1:{admin}/healthz", timeout=2).close()
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as raw:
+            ctx.wrap_socket(raw, server_hostname="localhost").close()
+
+    try:
+        poll_ready("gateway", proc, probe, READY_DEADLINE_S, log)
+    except RuntimeError as exc:
+        sys.exit(str(exc))
 
 
 def vm_rss(pid: int) -> int:
@@ -166,7 +145,7 @@ async def round_trip(session: aiohttp.ClientSession, url: str, pdf_file: Path) -
 async def bench(tmp: Path, port: int, sampler: RSSSampler, big: Path) -> dict:
     (small := tmp / "small.pdf").write_bytes(sample_pdf(100_000))
     url = f"https://localhost:{port}"
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(tmp)),
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_ssl(tmp / "pki", "hr-system")),
                                      timeout=REQUEST_TIMEOUT) as session:
         await round_trip(session, url, small)  # warm-up: connections, code paths, the upstream pool
         baseline = sampler.reset()
@@ -193,7 +172,7 @@ def main() -> int:
                                     cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
         sampler = RSSSampler(proc.pid)
         try:
-            wait_ready(proc, log, admin, port, client_ssl(tmp))
+            wait_ready(proc, log, admin, port, client_ssl(tmp / "pki", "hr-system"))
             sampler.start()
             print(f"gateway pid {proc.pid} on https://localhost:{port}: a {mb:.1f} MB PDF up and down")
             try:
@@ -203,12 +182,7 @@ def main() -> int:
                 return 1
         finally:
             sampler.stopping.set()
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc, timeout_s=20)
     growth = (r["peak"] - r["baseline"]) / MB
     print(f"baseline RSS: {r['baseline'] / MB:8.1f} MB")
     print(f"peak RSS:     {r['peak'] / MB:8.1f} MB  ({r['samples']} samples)")
