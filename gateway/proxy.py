@@ -68,6 +68,8 @@ class Exchange:
     bytes_out: int = 0
     upstream_seconds: float | None = None
     limit_headers: dict[str, str] | None = None
+    response: web.StreamResponse | None = None   # once streaming to the client has begun
+    close: bool = False                          # close the connection after this answer
 
 
 @dataclass
@@ -130,7 +132,6 @@ class Pipeline:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         gw = self.gateway  # one consistent view for the whole request, even across a reload
         ex = Exchange(str(uuid.uuid4()), request.method, request.raw_path, request.remote)
-        request["exchange"] = ex
         spool: Spool | None = None
         try:
             async with asyncio.timeout(gw.config.limits.request_timeout_s):
@@ -148,7 +149,7 @@ class Pipeline:
             if exc.headers:
                 response.headers.update(exc.headers)
         except TimeoutError:
-            started = request.get("response")
+            started = ex.response
             if started is not None and started.prepared:
                 ex.reason = "request timeout while sending the response"
                 if request.transport is not None:
@@ -170,7 +171,7 @@ class Pipeline:
                 spool.close()
         if ex.limit_headers and not response.prepared:
             response.headers.update(ex.limit_headers)
-        if not request.content.is_eof() or request.get("close"):
+        if not request.content.is_eof() or ex.close:
             response.force_close()  # a refused body is not read on just to reuse the connection
         if not response.prepared and response.body is not None:
             ex.bytes_out = len(response.body)
@@ -203,7 +204,7 @@ class Pipeline:
             raise Refused(403, "no verified client certificate", "no_certificate")
         if gw.revoked and (identity.issuer, int(identity.serial, 16)) in gw.revoked:
             # revoked after this connection's handshake (the CRL was reloaded): answer, then close it
-            request["close"] = True
+            ex.close = True
             raise Refused(403, "the client certificate has been revoked", "revoked")
         policy, why = gw.policies.find(identity)
         if policy is None:
@@ -353,7 +354,7 @@ class Pipeline:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             if length is not None:
                 response.content_length = length
-            request["response"] = response
+            ex.response = response
             await response.prepare(request)
             try:
                 async for chunk in upstream.iter_chunks(CHUNK):

@@ -84,7 +84,6 @@ async def _errors(request: web.Request, handler) -> web.StreamResponse:
 async def _answer(request: web.Request, handler) -> web.StreamResponse:
     incoming = request.headers.get("X-Request-ID", "")
     request_id = incoming if REQUEST_ID_RE.fullmatch(incoming) else str(uuid.uuid4())
-    request["request_id"] = request_id
     try:
         verify = request.app[SETTINGS].verify_token
         if verify is not None and request.match_info.route.name in API_ROUTES:
