@@ -240,3 +240,28 @@ async def test_two_workers_share_the_port(tmp_path, test_pki, recorder_url, reco
     assert await in_thread(proc.wait, 30) == 0
     for i in range(2):
         assert (tmp_path / "data" / f"audit.jsonl.w{i}").exists()
+
+
+async def test_operational_log_lines(tmp_path, test_pki, recorder_url, capsys):
+    from gateway.server import reload
+
+    config_path = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]})
+    async with gateway_running(config_path) as (url, running):
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(3):
+            assert await in_thread(handshake, test_pki, test_pki.special("expired"), port) is None
+        assert reload(running)
+        (tmp_path / "policies" / "crm.yaml").write_text("client: 5\n")
+        assert not reload(running)
+        running.handshakes.flush()
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "stop"
+    first = [e for e in events if e["event"] == "handshake_failure"]
+    assert len(first) == 1 and first[0]["reason"] == "expired"  # the rest are summarised
+    summary = [e for e in events if e["event"] == "handshake_failure_summary"]
+    assert summary and summary[0]["counts"] == {"expired": 2}
+    reloads = [e for e in events if e["event"] == "reload"]
+    assert [r["result"] for r in reloads] == ["ok", "error"]
+    assert "crm.yaml" in reloads[1]["error"] and "client" in reloads[1]["error"]
+    assert all(isinstance(e["ts"], float) for e in events)
