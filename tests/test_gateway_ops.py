@@ -86,9 +86,12 @@ async def test_sighup_after_revoke_refuses_that_client_only(served, own_pki):
     config, proc = served
     port, admin = config.listen.port, config.admin.port
     assert await in_thread(handshake, own_pki, own_pki.client("alice"), port)
-    async with session(own_pki, own_pki.client("alice")) as open_alice:
+    async with session(own_pki, own_pki.client("alice")) as open_alice, \
+            session(own_pki, own_pki.client("bob")) as open_bob:
         async with open_alice.get(f"https://localhost:{port}{STATE}") as resp:
             assert resp.status == 200  # this keep-alive connection was made before the revocation
+        async with open_bob.get(f"https://localhost:{port}{STATE}") as resp:
+            assert resp.status == 200
         pki.revoke(own_pki.dir, "alice")
         proc.send_signal(signal.SIGHUP)
         await in_thread(until, lambda: metric(admin, "gateway_config_reloads_total", result="ok") == 1)
@@ -97,6 +100,8 @@ async def test_sighup_after_revoke_refuses_that_client_only(served, own_pki):
         async with open_alice.get(f"https://localhost:{port}{STATE}") as resp:
             body = await resp.json(content_type=None)
             assert resp.status == 403 and "revoked" in body["detail"]
+        async with open_bob.get(f"https://localhost:{port}{STATE}") as resp:
+            assert resp.status == 200  # an open connection of a client in good standing goes on
     assert metric(admin, "gateway_tls_handshake_failures_total", reason="revoked") == 1
 
 

@@ -149,3 +149,23 @@ async def test_malformed_upstream_answers_are_502(tmp_path, test_pki, answer):
         server.close()
     assert status == 502 and resp.content_type == "application/problem+json"
     assert b"Injected" not in body and "Injected" not in resp.headers
+
+
+async def test_slow_request_body_is_408(tmp_path, test_pki, recorder_url, recorder):
+    config = write_config(tmp_path, test_pki, recorder_url,
+                          limits={"max_body_bytes": 1_000_000, "header_timeout_s": 2, "request_timeout_s": 1})
+    async with gateway_running(config) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+
+        def stall() -> tuple[bytes, float]:
+            started = time.monotonic()
+            with _tls_socket(test_pki, port) as sock:
+                sock.sendall(b"POST /orders HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                             b"Content-Length: 1000\r\n\r\n--b\r\n")  # and then nothing more
+                sock.settimeout(8)
+                answer = sock.recv(4096)
+            return answer, time.monotonic() - started
+
+        answer, elapsed = await asyncio.get_running_loop().run_in_executor(None, stall)
+    assert answer.startswith(b"HTTP/1.1 408") and b"application/problem+json" in answer
+    assert elapsed < 5 and recorder.seen == []
