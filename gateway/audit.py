@@ -25,7 +25,8 @@ REDACTED_PREFIX = "hmac-sha256:"
 
 
 def canonical(record: dict) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    # ASCII only: any text a client sent (lone surrogates included) has one spelling, and no line can fail
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
 
 
 def line_hash(body: bytes, key: bytes | None) -> str:

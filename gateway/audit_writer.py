@@ -138,9 +138,14 @@ class AuditWriter:
             self._last_write = loop.time()
             batch, self._pending = self._pending, []
             for record in batch:
-                if self.redactor is not None:
-                    record = self.redactor.apply(record)
-                line, self.prev = seal(record, self.prev, self.key)
+                try:
+                    if self.redactor is not None:
+                        record = self.redactor.apply(record)
+                    line, self.prev = seal(record, self.prev, self.key)
+                except (TypeError, ValueError) as exc:  # never let one odd record stop the log
+                    log.error("audit: record %s could not be sealed (%s)", record.get("request_id"), exc)
+                    line, self.prev = seal({"request_id": record.get("request_id"), "error": str(exc)},
+                                           self.prev, self.key)
                 self._sealed.append(line)
             if self._sealed:
                 data = b"".join(self._sealed)

@@ -10,6 +10,7 @@ nested multipart, repeated fields, JSON with duplicate keys) is refused.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 from typing import Any, AsyncIterator
 from urllib.parse import parse_qsl
@@ -21,6 +22,9 @@ from multidict import CIMultiDict
 from gateway.strictjson import strict_json
 
 MEMORY_THRESHOLD = 256 * 1024
+MAX_PARTS = 256            # the vendor's form needs at most 50 signers and a few fields
+MAX_LINE = 2 ** 17         # a part header line longer than this is refused (as the upstream's reader does)
+YIELD_EVERY = 64           # parsing gives the event loop a turn every this many reads
 CHUNK = 64 * 1024
 IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
 # What aiohttp's multipart parser raises for a body it cannot read.
@@ -93,7 +97,8 @@ class SpoolStream:
             return data
         return self._take(n)
 
-    async def readline(self, *, max_line_length: int | None = None) -> bytes:
+    async def readline(self, *, max_line_length: int | None = MAX_LINE) -> bytes:
+        max_line_length = max_line_length or MAX_LINE
         line = bytearray()
         while True:
             chunk = self._take(CHUNK)
@@ -142,13 +147,20 @@ def _check_part(part: Any) -> BodyPartReader:
 async def form_fields(spool: Spool, content_type: str, wanted: tuple[str, ...]) -> dict[str, list[str | Exception]]:
     """The text of every part named in `wanted` (UTF-8; an Exception where it is not)."""
     fields: dict[str, list[str | Exception]] = {}
+    reads = parts = 0
     try:
         reader = MultipartReader(CIMultiDict({"Content-Type": content_type}), SpoolStream(spool))
         while (part := await reader.next()) is not None:
             part = _check_part(part)
+            parts += 1
+            if parts > MAX_PARTS:
+                raise BodyRefused(400, f"the form has more than {MAX_PARTS} parts")
             keep = part.name in wanted
             data = bytearray()
-            while chunk := await part.read_chunk():
+            while chunk := await part.read_chunk(CHUNK):
+                reads += 1
+                if reads % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # a large body is parsed in slices: the loop stays responsive
                 if keep:
                     data += chunk
                     if len(data) > MAX_FIELD_BYTES:
@@ -208,10 +220,14 @@ async def anonymize_fields(spool: Spool, content_type: str, mimetype: str) -> di
 
 async def _part_names(spool: Spool, content_type: str) -> set[str]:
     names: set[str] = set()
+    parts = 0
     try:
         reader = MultipartReader(CIMultiDict({"Content-Type": content_type}), SpoolStream(spool))
         while (part := await reader.next()) is not None:
             names.add(_check_part(part).name)
+            parts += 1
+            if parts > MAX_PARTS:
+                raise BodyRefused(400, f"the form has more than {MAX_PARTS} parts")
             await part.release()
     except MALFORMED as exc:
         raise BodyRefused(400, f"the multipart body is malformed ({type(exc).__name__})") from None

@@ -161,6 +161,9 @@ class Pipeline:
                 ex.code = "timeout"
                 response = problem_response(ex, ex.status, _SLUGS[ex.status], ex.reason)
         except asyncio.CancelledError:
+            # the client went away, or the drain on SIGTERM ran out: audited all the same
+            ex.status, ex.reason, ex.code = ex.status or 499, "cancelled before the answer was complete", "cancelled"
+            self._done(gw, ex)
             raise
         except Exception:  # never a traceback to the client
             log.exception("unexpected error in %s %s", request.method, request.raw_path)
@@ -175,6 +178,21 @@ class Pipeline:
             response.force_close()  # a refused body is not read on just to reuse the connection
         if not response.prepared and response.body is not None:
             ex.bytes_out = len(response.body)
+        self._done(gw, ex)
+        return response
+
+    def http_error(self, request: web.BaseRequest, status: int, message: str) -> web.Response:
+        """A request aiohttp's parser refused: answered as problem+json and audited like any other."""
+        gw = self.gateway
+        ex = Exchange(str(uuid.uuid4()), request.method, request.raw_path, request.remote)
+        ex.identity = peer_identity(request)
+        if ex.identity is not None:
+            policy, _ = gw.policies.find(ex.identity)
+            ex.client = policy.client if policy is not None else "unknown"
+        ex.status, ex.code = status, "bad_http"
+        ex.reason = f"malformed HTTP request: {message}"[:200]
+        response = problem_response(ex, status, _SLUGS.get(status, "bad-request"), "the request is not valid HTTP")
+        ex.bytes_out = len(response.body)
         self._done(gw, ex)
         return response
 
@@ -271,7 +289,7 @@ class Pipeline:
         content_types = request.headers.getall("Content-Type", [])
         if len(content_types) != 1:
             raise Refused(415 if not content_types else 400, "exactly one Content-Type is needed", "bad_body")
-        if request.headers.get("Content-Encoding", "identity").strip().lower() != "identity":
+        if any(v.strip().lower() != "identity" for v in request.headers.getall("Content-Encoding", [])):
             raise Refused(415, "compressed request bodies are not accepted", "bad_body")
         limit = gw.config.limits.max_body_bytes
         if op is Operation.CREATE_ORDER:
@@ -300,7 +318,7 @@ class Pipeline:
         except BodyRefused as exc:
             spool.close()
             raise Refused(exc.status, exc.reason, "body_too_large" if exc.status == 413 else "bad_body") from None
-        except Refused:
+        except BaseException:  # refused, timed out, client gone: the spool's file goes now
             spool.close()
             raise
         ex.decision = "allow"
@@ -347,7 +365,9 @@ class Pipeline:
                 # Small answers go out in one write, headers and body together.
                 try:
                     body = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError):
+                except TimeoutError:
+                    raise Refused(504, "the upstream did not finish its answer in time", "upstream_timeout") from None
+                except aiohttp.ClientError:
                     raise Refused(502, "the upstream's answer broke off", "upstream_unavailable") from None
                 ex.bytes_out = len(body)
                 return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)

@@ -183,8 +183,9 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     app = web.Application(client_max_size=config.limits.max_body_bytes)
     app.router.add_route("*", "/{tail:.*}", pipeline.handle)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.limits.drain_timeout_s,
-                           keepalive_timeout=config.limits.header_timeout_s)
+                           keepalive_timeout=config.limits.header_timeout_s, auto_decompress=False)
     await runner.setup()
+    runner.server.on_http_error = pipeline.http_error
     handshakes = Summary("handshake_failure")
 
     def on_failure(reason: str) -> None:

@@ -25,5 +25,11 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 
 def strict_json(text: str) -> Any:
-    """json.loads that refuses duplicate keys and NaN/Infinity."""
-    return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    """json.loads that refuses duplicate keys, NaN/Infinity and lone surrogates (text that is no Unicode)."""
+    value = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+    if "\\u" in text:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate") from None
+    return value

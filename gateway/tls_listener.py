@@ -15,6 +15,7 @@ from asyncio import sslproto
 from typing import Callable
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 # OpenSSL X509_V_ERR_* codes
 _VERIFY_REASONS = {
@@ -68,6 +69,25 @@ class _CountingSSLProtocol(sslproto.SSLProtocol):
         return super()._check_handshake_timeout()
 
 
+class _ProblemRequestHandler(RequestHandler):
+    """aiohttp's request handler, answering requests its parser refused through the gateway's hook.
+
+    Without this, a request aiohttp cannot parse gets a text/plain 400 that is neither
+    problem+json nor audited. The hook (set on the web.Server) builds both.
+    """
+
+    __slots__ = ()
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        hook = getattr(self._manager, "on_http_error", None)
+        if hook is None or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        self.log_debug("refused a malformed request: %s", message)
+        response = hook(request, status, message or "")
+        response.force_close()
+        return response
+
+
 class TLSSite(web.BaseSite):
     """Like web.TCPSite, with TLS done by _CountingSSLProtocol and a bounded handshake."""
 
@@ -87,8 +107,10 @@ class TLSSite(web.BaseSite):
         loop = asyncio.get_running_loop()
 
         def factory():
+            handler = self._runner.server()
+            handler.__class__ = _ProblemRequestHandler  # same layout: only handle_error differs
             return _CountingSSLProtocol(
-                loop, self._runner.server(), self._contexts.context, None, server_side=True,
+                loop, handler, self._contexts.context, None, server_side=True,
                 ssl_handshake_timeout=self._timeout, on_failure=self._on_failure,
             )
 

@@ -50,6 +50,8 @@ class _Connection(BaseProtocol):
                 self.transport.close()
             return
         for message, payload in messages:
+            if 100 <= message.code < 200 and message.code != 101:
+                continue  # interim answers (100 Continue, 103 Early Hints): the final one follows
             if self.answer is not None and not self.answer.done():
                 self.payload = payload
                 self.answer.set_result((message, payload))
@@ -152,7 +154,8 @@ class Pool:
         for line in lines:
             if "\r" in line or "\n" in line or "\0" in line:
                 raise ValueError("a request line or header holds a control character")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: this gives them back as sent
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
     async def request(self, method: str, path: str, headers: dict[str, str],
                       body: AsyncIterator[bytes] | None = None, read_timeout: float | None = None) -> Response:

@@ -132,3 +132,10 @@ def test_redaction_key_is_kept_from_the_first_start(tmp_path):
     assert (tmp_path / "new-folder" / "audit-redact.key").stat().st_mode & 0o077 == 0
     assert redaction_key(log, None) == first
     assert redaction_key(log, b"k" * 32) != first
+
+
+def test_any_text_seals_and_verifies():
+    record = {"reason": "bad name \udcff and \ud800", "solicitor": {"identifier": "Åsa 日本"}}
+    line, digest = seal(record, GENESIS, None)
+    assert line.isascii() and verify([line], None).ok
+    assert json.loads(line)["solicitor"]["identifier"] == "Åsa 日本"

@@ -285,3 +285,31 @@ async def test_hop_by_hop_response_headers_are_removed(gw, test_pki, recorder):
     assert got == 200 and len(body) == recorder.document_bytes
     assert "X-Secret-Hop" not in resp.headers
     assert resp.headers["Content-Type"] == "application/pdf"
+
+
+async def test_a_second_content_encoding_is_not_missed(gw, test_pki, recorder):
+    import gzip
+
+    body = gzip.compress(multipart_bytes("b", [("solicitor", HR_SOLICITOR.encode(), None)]))
+    async with session(test_pki, test_pki.client("hr-system")) as s:
+        async with s.post(gw + "/orders", data=body, headers=[
+            ("Content-Type", "multipart/form-data; boundary=b"),
+            ("Content-Encoding", "identity"), ("Content-Encoding", "gzip")]) as resp:
+            assert resp.status == 415
+    assert recorder.seen == []
+
+
+async def test_too_many_parts_are_refused(gw, test_pki, recorder):
+    parts = [("solicitor", HR_SOLICITOR.encode(), None)] + [("x", b"", None)] * 300
+    got, body, _ = await call(test_pki, "hr-system", "POST", gw + "/orders", data=multipart_bytes("b", parts),
+                              headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert got == 400 and "more than 256 parts" in body["detail"]
+    assert recorder.seen == []
+
+
+async def test_lone_surrogates_in_json_fields_are_refused_and_audited(tmp_path, gw, test_pki, recorder):
+    solicitor = '{"source":"INTERNAL","identifier":"sAMAccountName=\\ud800"}'
+    got, body, _ = await call(test_pki, "hr-system", "POST", gw + "/orders", data=form((solicitor,)))
+    assert got == 400 and "not valid JSON" in body["detail"]
+    got, _, _ = await call(test_pki, "hr-system", "GET", f"{gw}/orders/{ORDER_HR}/state")
+    assert got == 200  # the audit log and the gateway go on

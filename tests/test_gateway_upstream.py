@@ -169,3 +169,68 @@ async def test_slow_request_body_is_408(tmp_path, test_pki, recorder_url, record
         answer, elapsed = await asyncio.get_running_loop().run_in_executor(None, stall)
     assert answer.startswith(b"HTTP/1.1 408") and b"application/problem+json" in answer
     assert elapsed < 5 and recorder.seen == []
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET /x\xffy HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /orders HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"POST /orders HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n",
+])
+async def test_requests_aiohttp_cannot_parse_are_problem_json_and_audited(tmp_path, test_pki, recorder_url,
+                                                                         recorder, raw):
+    config = write_config(tmp_path, test_pki, recorder_url)
+    async with gateway_running(config) as (url, _):
+        port = int(url.rsplit(":", 1)[1])
+
+        def send() -> bytes:
+            with _tls_socket(test_pki, port) as sock:
+                sock.sendall(raw)
+                sock.settimeout(5)
+                data = b""
+                while chunk := sock.recv(4096):
+                    data += chunk
+                return data
+
+        answer = await asyncio.get_running_loop().run_in_executor(None, send)
+    assert answer.split(b" ")[1] == b"400" and b"application/problem+json" in answer
+    assert b"X-Request-ID" in answer
+    records = [json.loads(line) for line in (tmp_path / "data" / "audit.jsonl").read_text().splitlines()]
+    assert len(records) == 1 and records[0]["status"] == 400 and records[0]["client"] == "crm"
+    assert records[0]["reason"].startswith("malformed HTTP request") and records[0]["decision"] == "deny"
+    assert recorder.seen == []
+
+
+async def test_interim_upstream_answers_are_skipped(tmp_path, test_pki):
+    async def early_hints(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"/state" in head.split(b"\r\n")[0]:
+            writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 7\r\n"
+                         b"Connection: close\r\n\r\nPENDING")
+        else:
+            body = json.dumps({"solicitor": {"source": "EXTERNAL", "identifier": "198603052385"}}).encode()
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: %d\r\n"
+                         b"Connection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(early_hints, "127.0.0.1", 0)
+    try:
+        config = write_config(tmp_path, test_pki, f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        async with gateway_running(config) as (url, _):
+            status, body, _ = await get(test_pki, "crm", f"{url}/orders/{ORDER_CRM}/state")
+    finally:
+        server.close()
+    assert (status, body) == (200, b"PENDING")
+
+
+async def test_non_ascii_header_values_pass_as_sent(gw, test_pki, recorder):
+    status, _, _ = await get_with(test_pki, "crm", f"{gw}/orders/{ORDER_CRM}/state", {"User-Agent": "Åsa/1.0 日本"})
+    assert status == 200
+    (seen,) = [r for r in recorder.seen if r.path.endswith("/state")]
+    assert dict((k.lower(), v) for k, v in seen.headers)["user-agent"] == "Åsa/1.0 日本"
+
+
+async def get_with(test_pki, client, url, headers):
+    async with session(test_pki, test_pki.client(client)) as s:
+        async with s.get(url, headers=headers) as resp:
+            return resp.status, await resp.read(), resp

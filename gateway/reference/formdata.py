@@ -19,6 +19,7 @@ from gateway.reference.forms import MAX_TEXT, FieldError, strict_json
 
 IDENTITY_ENCODINGS = ("", "7bit", "8bit", "binary")
 JSON_LIMIT = 65536
+MAX_PARTS = 256  # the gateway refuses the same
 
 
 class BodyError(Exception):
@@ -61,12 +62,16 @@ async def read_multipart(request: web.Request, limit: int, file_fields: tuple[st
         raise BodyError(415, "unsupported-media-type", "the body must be multipart/form-data")
     check_length(request, limit)
     form = Form()
+    parts = 0
     try:
         reader = await request.multipart()
         while True:
             part = await reader.next()
             if part is None:
                 break
+            parts += 1
+            if parts > MAX_PARTS:
+                raise BodyError(400, "malformed-body", f"the form has more than {MAX_PARTS} parts")
             if not isinstance(part, BodyPartReader):
                 raise BodyError(400, "ambiguous-body", "nested multipart parts are not accepted")
             _check_part_headers(part.headers)
