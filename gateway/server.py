@@ -177,7 +177,6 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         await asyncio.get_running_loop().run_in_executor(None, reference.start)
     else:
         reference = None  # a worker's parent runs the embedded upstream
-    await gateway.upstream.start()
     await audit.start()
     pipeline = Pipeline(gateway)
     app = web.Application(client_max_size=config.limits.max_body_bytes)

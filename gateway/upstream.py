@@ -35,9 +35,6 @@ class Upstream:
         self.pool = Pool(self.base_url, ssl_context)
         self.solicitors: TTLCache[dict | None] = TTLCache(solicitor_ttl_s, 10000)
 
-    async def start(self) -> None:
-        return None
-
     async def close(self) -> None:
         self.pool.close()
 

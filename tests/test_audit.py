@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 
-import pytest
 
 from conftest import gateway_command
 from gateway.audit import GENESIS, Redactor, last_hash, seal, verify

@@ -7,7 +7,6 @@ import shutil
 import time
 
 import aiohttp
-import pytest
 
 from gateway.audit import verify
 from gateway_harness import ORDER_CRM, ORDER_HR, POLICIES, gateway_running, session, write_config

@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from conftest import free_port, wait_http
+from conftest import wait_http
 from gateway import pki
 from gateway.config import load_config
 from gateway_harness import (

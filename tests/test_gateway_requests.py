@@ -6,7 +6,6 @@ import hashlib
 import json
 
 import aiohttp
-import jwt
 import pytest
 
 from gateway_harness import ORDER_CRM, ORDER_HR, session

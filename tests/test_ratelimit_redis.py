@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import free_port, wait_http
+from conftest import free_port, stop_process, wait_http
 from gateway.policy import Rate
 from gateway.ratelimit import MemoryStorage
 from gateway_harness import ORDER_CRM, POLICIES, gateway_running, session, write_config
@@ -74,12 +74,7 @@ def redis_server(tmp_path):
             time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, timeout_s=5)
         proc.stdout.close()
 
 
