@@ -112,7 +112,9 @@ def _create_signing_pair(cert_path: Path, key_path: Path) -> None:
         f.write(key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         ))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    fd = os.open(cert_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
 
 
 def sign_pdf(data: bytes, signer: signers.SimpleSigner, field_name: str, name: str, reason: str) -> bytes:

@@ -9,12 +9,14 @@ from aiohttp import web
 
 from cryptography.hazmat.primitives import serialization
 
+from gateway import compat  # noqa: F401  (no software versions in any answer)
 from gateway.config import Config, ConfigError, parse_host_port
 from gateway.headers import IDENTITY_TOKEN_HEADER
 from gateway.token import TokenVerifier, load_or_create_key
 from gateway.reference.app import Settings, create_app
 from gateway.reference.directory import Directory, DirectoryError
 from gateway.reference.documents import SigningIdentity
+from gateway.reference.store import private_folder
 
 
 def settings_from_config(config: Config) -> Settings:
@@ -27,7 +29,7 @@ def settings_from_config(config: Config) -> Settings:
         directory = Directory.load(ref.directory)
     except DirectoryError as exc:
         raise ConfigError(config.file, "reference_api.directory", str(exc)) from None
-    ref.data_dir.mkdir(parents=True, exist_ok=True)
+    private_folder(ref.data_dir)
     return Settings(
         verify_token=_token_check(config),
         data_dir=ref.data_dir,
