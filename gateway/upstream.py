@@ -3,7 +3,7 @@
 Responses are passed on as the upstream sent them (no decompression).
 Connection failures become UpstreamUnavailable (502), an upstream slower than
 upstream.timeout_s UpstreamTimeout (504). The order -> solicitor look-ups
-that order operations need are cached briefly here.
+that order operations need are cached briefly here, absent orders included.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Upstream:
             try:
                 if resp.status == 404:
                     await resp.read()
+                    # Cached like a found order, so that "not yours" and "no such order" take the same time.
+                    self.solicitors.put(order_id, None)
                     return None
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"the upstream answered {resp.status} to an order look-up")
