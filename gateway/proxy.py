@@ -11,20 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
 import uuid
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import aiohttp
 from aiohttp import web
 from aiohttp.helpers import parse_mimetype
+from cryptography import x509
 from multidict import CIMultiDict
 
 from gateway.audit import record_of
 from gateway.audit_writer import AuditWriter
+from gateway.compat import verified_chain
 from gateway.config import Config
+from gateway.credentials import Standing, Trust
 from gateway.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
 from gateway.identity import Identity, identity_from_der
 from gateway.multipart import CHUNK, BodyRefused, Spool, anonymize_fields, form_fields, json_value
@@ -70,6 +74,7 @@ class Exchange:
     limit_headers: dict[str, str] | None = None
     response: web.StreamResponse | None = None   # once streaming to the client has begun
     close: bool = False                          # close the connection after this answer
+    waiting: bool = False                        # the client may hold its body back for 100 Continue
 
 
 @dataclass
@@ -83,7 +88,9 @@ class Gateway:
     metrics: Metrics
     audit: AuditWriter | None = None
     limiter: Storage | None = None
-    revoked: frozenset[tuple[str, int]] = frozenset()   # from tls.crl: refuses open connections too
+    trust: Trust | None = None                 # client CAs and CRLs in force: checked on every request
+    tls_context: ssl.SSLContext | None = None  # the context new handshakes get (the trust's generation)
+    clock: Callable[[], float] = time.time
 
 
 class Refused(Exception):
@@ -95,26 +102,82 @@ class Refused(Exception):
 
 
 _SLUGS = {400: "bad-request", 403: "forbidden", 404: "not-found", 408: "request-timeout", 413: "body-too-large",
-          415: "unsupported-media-type", 429: "rate-limited", 500: "internal", 502: "bad-gateway",
-          503: "unavailable", 504: "gateway-timeout"}
+          415: "unsupported-media-type", 417: "expectation-failed", 429: "rate-limited", 500: "internal",
+          502: "bad-gateway", 503: "unavailable", 504: "gateway-timeout"}
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-_identities: "weakref.WeakKeyDictionary[Any, Identity]" = weakref.WeakKeyDictionary()
+
+class Peer:
+    """A connection's client certificate: parsed once, its standing rebuilt once per trust generation."""
+
+    __slots__ = ("identity", "cert", "presented", "handshake_context", "_trust", "_standing", "__weakref__")
+
+    def __init__(self, der: bytes, chain: list[bytes], handshake_context: ssl.SSLContext | None):
+        self.identity = identity_from_der(der)
+        self.cert = x509.load_der_x509_certificate(der)
+        self.presented = tuple(x509.load_der_x509_certificate(c) for c in chain[1:])
+        self.handshake_context = handshake_context
+        self._trust: Trust | None = None
+        self._standing: Standing | None = None
+
+    def standing(self, gw: Gateway) -> Standing | None:
+        if gw.trust is None:
+            return None
+        if self._trust is not gw.trust:
+            self._standing = gw.trust.standing(self.cert, self.presented, self.handshake_context is gw.tls_context)
+            self._trust = gw.trust
+        return self._standing
 
 
-def peer_identity(request: web.Request) -> Identity | None:
-    """The verified client certificate's identity, parsed once a connection."""
-    transport = request.transport
+_peers: "weakref.WeakKeyDictionary[Any, Peer]" = weakref.WeakKeyDictionary()
+
+
+def peer_of(transport) -> Peer | None:
+    """The connection's verified client certificate (None when there is none), parsed once a connection."""
     if transport is None:
         return None
-    identity = _identities.get(transport)
-    if identity is None:
+    peer = _peers.get(transport)
+    if peer is None:
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             return None
-        identity = identity_from_der(der)
-        _identities[transport] = identity
-    return identity
+        peer = _peers[transport] = Peer(der, verified_chain(ssl_object), transport.get_extra_info("sslcontext"))
+    return peer
+
+
+def admit_peer(gw: Gateway, transport, ex: Exchange) -> Policy:
+    """Identity first, on every request: a certificate that still holds and maps to one policy, else 403.
+
+    A certificate that no longer holds (expired, revoked, its CRL stale, its CA no
+    longer trusted) also closes the connection, so a resumed session cannot linger.
+    """
+    peer = peer_of(transport)
+    if peer is None:
+        ex.close = True
+        raise Refused(403, "no verified client certificate", "no_certificate")
+    ex.identity = peer.identity
+    policy, why = gw.policies.find(peer.identity)
+    if policy is not None:
+        ex.client = policy.client  # named in the audit line and metrics even when refused below
+    standing = peer.standing(gw)
+    problem = standing.problem(gw.clock()) if standing is not None else None
+    if problem is not None:
+        ex.close = True
+        raise Refused(403, problem.reason, problem.code)
+    if policy is None:
+        raise Refused(403, why, "unknown_client")
+    return policy
+
+
+def expects_continue(request: web.BaseRequest) -> bool:
+    """Whether the client waits for 100 Continue; any expectation but a lone 100-continue is 417."""
+    values = request.headers.getall("Expect", ())
+    if not values:
+        return False
+    if len(values) == 1 and values[0].strip().lower() == "100-continue":
+        return request.version >= (1, 1)  # HTTP/1.0 clients do not wait (RFC 9110 10.1.1)
+    raise Refused(417, "the only expectation this server meets is a lone 100-continue", "bad_expect")
 
 
 def problem_response(ex: Exchange, status: int, slug: str, detail: str) -> web.Response:
@@ -129,17 +192,15 @@ class Pipeline:
         self.gateway = gateway
         self.upstream_errors = Summary("upstream_error")
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         gw = self.gateway  # one consistent view for the whole request, even across a reload
         ex = Exchange(str(uuid.uuid4()), request.method, request.raw_path, request.remote)
         spool: Spool | None = None
         try:
             async with asyncio.timeout(gw.config.limits.request_timeout_s):
-                if gw.audit is not None and not gw.audit.healthy:
-                    raise Refused(503, "the audit log cannot be written, so nothing is served", "audit_unavailable")
-                policy, rt = self._admit(gw, request, ex)
+                policy, rt, waits = self._admit(gw, request, ex)
                 await self._limit(gw, ex, policy, rt)
-                spool = await self._inspect(gw, request, ex, policy, rt)
+                spool = await self._inspect(gw, request, ex, policy, rt, waits)
                 response = await self._forward(gw, request, ex, rt, spool)
         except Refused as exc:
             ex.status, ex.reason, ex.code = exc.status, exc.reason, exc.code
@@ -179,19 +240,27 @@ class Pipeline:
         if not response.prepared and response.body is not None:
             ex.bytes_out = len(response.body)
         self._done(gw, ex)
+        if ex.waiting and not request.content.is_eof():
+            # Refused before the body was asked for: the client holds it back, so there is nothing
+            # to linger for (aiohttp would wait for it). Answer, then close at once.
+            await response.prepare(request)
+            await response.write_eof()
+            request.protocol.force_close()
         return response
 
     def http_error(self, request: web.BaseRequest, status: int, message: str) -> web.Response:
         """A request aiohttp's parser refused: answered as problem+json and audited like any other."""
         gw = self.gateway
         ex = Exchange(str(uuid.uuid4()), request.method, request.raw_path, request.remote)
-        ex.identity = peer_identity(request)
-        if ex.identity is not None:
-            policy, _ = gw.policies.find(ex.identity)
-            ex.client = policy.client if policy is not None else "unknown"
-        ex.status, ex.code = status, "bad_http"
-        ex.reason = f"malformed HTTP request: {message}"[:200]
-        response = problem_response(ex, status, _SLUGS.get(status, "bad-request"), "the request is not valid HTTP")
+        try:
+            admit_peer(gw, request.transport, ex)  # identity first, even for a request that does not parse
+        except Refused as exc:
+            status, ex.code, ex.reason, detail = exc.status, exc.code, exc.reason, exc.reason
+        else:
+            ex.code, ex.reason = "bad_http", f"malformed HTTP request: {message}"[:200]
+            detail = "the request is not valid HTTP"
+        ex.status = status
+        response = problem_response(ex, status, _SLUGS.get(status, "bad-request"), detail)
         ex.bytes_out = len(response.body)
         self._done(gw, ex)
         return response
@@ -215,25 +284,26 @@ class Pipeline:
 
     # -- identity, client, operation ------------------------------------------
 
-    def _admit(self, gw: Gateway, request: web.Request, ex: Exchange) -> tuple[Policy, Route]:
-        identity = peer_identity(request)
-        ex.identity = identity
-        if identity is None:
-            raise Refused(403, "no verified client certificate", "no_certificate")
-        if gw.revoked and (identity.issuer, int(identity.serial, 16)) in gw.revoked:
-            # revoked after this connection's handshake (the CRL was reloaded): answer, then close it
-            ex.close = True
-            raise Refused(403, "the client certificate has been revoked", "revoked")
-        policy, why = gw.policies.find(identity)
-        if policy is None:
-            raise Refused(403, why, "unknown_client")
-        ex.client = policy.client
+    def _admit(self, gw: Gateway, request: web.BaseRequest, ex: Exchange) -> tuple[Policy, Route, bool]:
+        """Identity, operation, expectation, policy: in that order, for every request target.
+
+        Returns the policy, the route and whether the client waits for 100 Continue.
+        """
+        ex.waiting = "Expect" in request.headers
+        policy = admit_peer(gw, request.transport, ex)
+        if gw.audit is not None and not gw.audit.healthy:
+            raise Refused(503, "the audit log cannot be written, so nothing is served", "audit_unavailable")
         rt = route(request.method, request.raw_path)
         if rt is None:
-            raise Refused(404, f"no operation {request.method} {request.raw_path}", "no_operation")
+            raise Refused(404, f"no operation {request.method} {request.raw_path}"[:300], "no_operation")
         ex.operation, ex.order_id = rt.operation.value, rt.order_id
+        if "Upgrade" in request.headers:
+            # aiohttp would hand the rest of the stream over as this request's body: never forwarded
+            ex.close = True
+            raise Refused(400, "protocol upgrades are not supported", "bad_request")
+        waits = expects_continue(request)
         self._require(decide_operation(policy, rt.operation), policy, ex)
-        return policy, rt
+        return policy, rt, waits
 
     @staticmethod
     def _require(decision: Decision, policy: Policy, ex: Exchange) -> None:
@@ -267,8 +337,8 @@ class Pipeline:
 
     # -- facts from the body or the upstream ------------------------------------
 
-    async def _inspect(self, gw: Gateway, request: web.Request, ex: Exchange, policy: Policy,
-                       rt: Route) -> Spool | None:
+    async def _inspect(self, gw: Gateway, request: web.BaseRequest, ex: Exchange, policy: Policy,
+                       rt: Route, waits: bool) -> Spool | None:
         op = rt.operation
         if op not in (Operation.CREATE_ORDER, Operation.ANONYMIZE_USER):
             if has_body(request.headers):
@@ -304,6 +374,9 @@ class Pipeline:
             raise Refused(413, f"the body is larger than {limit} bytes", "body_too_large")
         spool = Spool(limit)
         try:
+            if waits:  # admitted so far: now, and only now, ask for the body
+                await request.writer.write(CONTINUE)
+            ex.waiting = False
             await spool.fill(request.content.iter_chunked(CHUNK))
             ex.bytes_in = spool.size
             if op is Operation.CREATE_ORDER:
@@ -327,7 +400,7 @@ class Pipeline:
 
     # -- forwarding ----------------------------------------------------------------
 
-    def _headers(self, gw: Gateway, request: web.Request, ex: Exchange) -> dict[str, str]:
+    def _headers(self, gw: Gateway, request: web.BaseRequest, ex: Exchange) -> dict[str, str]:
         token = None
         if gw.tokens is not None and ex.identity is not None:
             token = gw.tokens.token(ex.client, ex.identity.fingerprint_sha256)
@@ -335,7 +408,7 @@ class Pipeline:
             request.headers.items(), request_id=ex.request_id, client_ip=request.remote or "", token=token,
         )
 
-    async def _forward(self, gw: Gateway, request: web.Request, ex: Exchange, rt: Route,
+    async def _forward(self, gw: Gateway, request: web.BaseRequest, ex: Exchange, rt: Route,
                        spool: Spool | None) -> web.StreamResponse:
         headers = self._headers(gw, request, ex)
         started = time.perf_counter()
@@ -354,6 +427,7 @@ class Pipeline:
             ex.status = upstream.status
             if rt.operation is Operation.DELETE_ORDER and upstream.status < 300:
                 gw.upstream.solicitors.discard(rt.order_id)
+            created = rt.operation is Operation.CREATE_ORDER and upstream.status < 300
             headers = CIMultiDict(client_response_headers(
                 (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
             ))
@@ -370,6 +444,8 @@ class Pipeline:
                 except aiohttp.ClientError:
                     raise Refused(502, "the upstream's answer broke off", "upstream_unavailable") from None
                 ex.bytes_out = len(body)
+                if created:  # a look-up of this id may have been cached as absent
+                    gw.upstream.solicitors.discard(body.decode("latin-1").strip().lower())
                 return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             if length is not None:

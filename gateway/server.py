@@ -19,15 +19,18 @@ import sys
 import time
 import urllib.request
 from dataclasses import dataclass
+from typing import Callable
 
 from aiohttp import web
 
+from gateway import compat  # noqa: F401  (no software versions in any answer)
 from gateway.admin import admin_app, readiness
 from gateway.config import Config, parse_host_port
 from gateway.policy import PolicyError, load_policies
 from gateway.proxy import Gateway, Pipeline
 from gateway.oplog import SUMMARY_INTERVAL_S, Summary, event
-from gateway.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, server_context
+from gateway.credentials import Trust
+from gateway.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, load_trust, server_context
 from gateway.tls_listener import ContextHolder, TLSSite
 from gateway.audit import Redactor
 from gateway.audit_writer import AuditWriter, load_key, redaction_key
@@ -105,10 +108,11 @@ def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: A
                    audit=audit, limiter=limiter)
 
 
-def load_tls(config: Config) -> tuple[ssl.SSLContext, CRLFacts | None]:
-    """The TLS context and what the CRL says; raises StartError with one line."""
+def load_tls(config: Config) -> tuple[ssl.SSLContext, CRLFacts | None, Trust]:
+    """The TLS context, what the CRL says, and the trust requests are checked against; StartError with one line."""
     try:
-        return server_context(config.tls), check_crl(config.tls)
+        crl = check_crl(config.tls)
+        return server_context(config.tls), crl, load_trust(config.tls, crl)
     except TLSConfigError as exc:
         raise StartError(f"{config.file}: {exc}") from None
     except (OSError, ValueError) as exc:
@@ -147,7 +151,7 @@ class Running:
     config: Config
     pipeline: Pipeline
     contexts: ContextHolder
-    runner: web.AppRunner
+    runner: web.BaseRunner
     admin_runner: web.AppRunner
     reference: EmbeddedReference | None
     handshakes: Summary
@@ -158,9 +162,11 @@ class Running:
         return self.pipeline.gateway
 
 
-async def start(config: Config, reuse_port: bool = False, worker: int | None = None) -> Running:
+async def start(config: Config, reuse_port: bool = False, worker: int | None = None,
+                clock: Callable[[], float] = time.time) -> Running:
+    """Start serving; `clock` is the wall clock certificates and CRLs are checked against on each request."""
     metrics = Metrics()
-    ctx, crl = load_tls(config)
+    ctx, crl, trust = load_tls(config)
     contexts = ContextHolder(ctx)
     metrics.set_expiry(expiry(config.tls).times)
     note_crl(crl)
@@ -172,17 +178,17 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     limiter = limiter_storage(config)
     audit = audit_writer(config, metrics, worker)
     gateway = build_gateway(config, Upstream(upstream_url, config.upstream.timeout_s), metrics, audit, limiter)
-    gateway.revoked = crl.revoked if crl else frozenset()
+    gateway.trust, gateway.tls_context, gateway.clock = trust, ctx, clock
     if reference is not None and worker is None:
         await asyncio.get_running_loop().run_in_executor(None, reference.start)
     else:
         reference = None  # a worker's parent runs the embedded upstream
     await audit.start()
     pipeline = Pipeline(gateway)
-    app = web.Application(client_max_size=config.limits.max_body_bytes)
-    app.router.add_route("*", "/{tail:.*}", pipeline.handle)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=config.limits.drain_timeout_s,
-                           keepalive_timeout=config.limits.header_timeout_s, auto_decompress=False)
+    # aiohttp's low-level server with one handler: no router, so nothing answers on the pipeline's behalf
+    front = web.Server(pipeline.handle, access_log=None, keepalive_timeout=config.limits.header_timeout_s,
+                       auto_decompress=False)
+    runner = web.ServerRunner(front, handle_signals=False, shutdown_timeout=config.limits.drain_timeout_s)
     await runner.setup()
     runner.server.on_http_error = pipeline.http_error
     handshakes = Summary("handshake_failure")
@@ -237,15 +243,14 @@ def reload(running: Running) -> bool:
     """SIGHUP: build the new TLS context and policy set aside, check them, then swap them in at once."""
     config, gw = running.config, running.gateway
     try:
-        ctx, crl = load_tls(config)
+        ctx, crl, trust = load_tls(config)
         policies = load_policies(config.policies)
     except (StartError, PolicyError) as exc:
         gw.metrics.config_reloads.labels("error").inc()
         event("reload", result="error", error=str(exc), detail="the running configuration is kept")
         return False
     running.contexts.context = ctx  # new handshakes only; open connections keep theirs
-    running.pipeline.gateway = dataclasses.replace(gw, policies=policies,
-                                                   revoked=crl.revoked if crl else frozenset())
+    running.pipeline.gateway = dataclasses.replace(gw, policies=policies, trust=trust, tls_context=ctx)
     gw.metrics.set_expiry(expiry(config.tls).times)
     gw.metrics.config_reloads.labels("ok").inc()
     event("reload", result="ok", clients=[p.client for p in policies.policies],

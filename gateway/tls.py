@@ -18,6 +18,7 @@ from pathlib import Path
 from cryptography import x509
 
 from gateway.config import TLS
+from gateway.credentials import CRLView, Trust
 
 
 class TLSConfigError(Exception):
@@ -47,6 +48,10 @@ class CRLFacts:
     revoked: frozenset[tuple[str, int]]     # (issuer RFC 4514, serial)
     next_update: float | None               # the earliest nextUpdate of the file's CRLs
     issuers: frozenset[str]
+    next_update_by_issuer: dict[str, float | None]
+
+    def view(self) -> CRLView:
+        return CRLView(self.revoked, self.next_update_by_issuer)
 
 
 _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
@@ -57,6 +62,7 @@ def read_crls(path: Path) -> CRLFacts:
     if not blocks:
         raise TLSConfigError(f"tls.crl: {path} holds no PEM CRL")
     revoked, updates, issuers = set(), [], set()
+    by_issuer: dict[str, float | None] = {}
     for block in blocks:
         try:
             crl = x509.load_pem_x509_crl(block)
@@ -65,9 +71,13 @@ def read_crls(path: Path) -> CRLFacts:
         issuer = crl.issuer.rfc4514_string()
         issuers.add(issuer)
         revoked.update((issuer, r.serial_number) for r in crl)
-        if crl.next_update_utc is not None:
-            updates.append(crl.next_update_utc.timestamp())
-    return CRLFacts(frozenset(revoked), min(updates) if updates else None, frozenset(issuers))
+        due = crl.next_update_utc.timestamp() if crl.next_update_utc is not None else None
+        if due is not None:
+            updates.append(due)
+        known = by_issuer.get(issuer)
+        by_issuer[issuer] = due if issuer not in by_issuer or known is None else (
+            known if due is None else min(known, due))
+    return CRLFacts(frozenset(revoked), min(updates) if updates else None, frozenset(issuers), by_issuer)
 
 
 def check_crl(tls: TLS) -> CRLFacts | None:
@@ -115,6 +125,12 @@ def server_context(tls: TLS) -> ssl.SSLContext:
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN if tls.crl_check == "chain" else ssl.VERIFY_CRL_CHECK_LEAF
     ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
+
+
+def load_trust(tls: TLS, crl: CRLFacts | None) -> Trust:
+    """The client CAs and CRLs the per-request credential check holds connections to."""
+    cas = tuple(x509.load_pem_x509_certificates(_need(tls, "client_ca").read_bytes()))
+    return Trust(cas, crl.view() if crl is not None else None, tls.crl_check)
 
 
 def expiry(tls: TLS) -> Expiry:

@@ -153,6 +153,7 @@ class RecordingUpstream:
         ORDER_SLOW: {"source": "EXTERNAL", "identifier": "198603052385"},
     })
     document_bytes: int = 1000
+    latency_s: float = 0.0    # how long each answer takes, as a real upstream's database look-up would
 
     def paths(self) -> list[str]:
         return [f"{r.method} {r.path}" for r in self.seen]
@@ -172,6 +173,8 @@ class RecordingUpstream:
             length += len(chunk)
         self.seen.append(Recorded(request.method, request.raw_path, list(request.headers.items()),
                                   digest.hexdigest(), length))
+        if self.latency_s:
+            await asyncio.sleep(self.latency_s)
         parts = request.path.strip("/").split("/")
         if parts[0] == "orders" and len(parts) >= 2:
             order_id = parts[1]

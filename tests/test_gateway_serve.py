@@ -112,3 +112,31 @@ def test_invalid_policy_stops_serve_with_one_line(tmp_path, test_pki, run_gatewa
     err = proc.stderr.read().strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "bad.yaml" in err and key in err
+
+
+async def test_embedded_data_is_private_and_no_answer_names_versions(served, test_pki, tmp_path):
+    """The reference API's SQLite files hold names, phones and e-mails: 0700 folder, 0600 files."""
+    import stat
+
+    config, _ = served
+    base = f"https://localhost:{config.listen.port}"
+    pdf = tmp_path / "signthisplease.pdf"
+    pdf.write_bytes(sample_pdf(1_000))
+    create = ex.fill(ex.CREATE, f"{base}/orders", str(pdf)).replace("2024-12-24T00:00:00", "2099-12-24T00:00:00")
+    code, order_id, err = await curl(test_pki, "hr-system", create)
+    assert code == 0 and "< HTTP/1.1 200" in err, err
+    data = config.reference_api.data_dir
+    assert stat.S_IMODE(data.stat().st_mode) == 0o700
+    own = [p for p in data.iterdir() if p.name.startswith(("reference.sqlite3", "signing."))]
+    assert {p.name for p in own} >= {"reference.sqlite3", "reference.sqlite3-wal", "signing.key", "signing.crt"}
+    assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in own} == {p.name: oct(0o600) for p in own}
+
+    # No answer names its software: the front door (forwarded and refused), and the reference API itself.
+    _, _, err = await curl(test_pki, "hr-system", f"curl -v {base}/orders/{order_id}/state")
+    _, _, refused = await curl(test_pki, "crm", f"curl -v {base}/orders/{order_id}/state")
+    direct = urllib.request.Request(f"http://{config.reference_api.listen}/healthz")
+    with urllib.request.urlopen(direct) as resp:
+        ref_server = resp.headers.get_all("Server") or []
+    servers = [line for line in (err + refused).splitlines() if line.lower().startswith("< server:")]
+    assert len(servers) == 2 and ref_server
+    assert all(not any(c.isdigit() for c in s) and "aiohttp" not in s.lower() for s in servers + ref_server)
