@@ -52,13 +52,17 @@ class VerifyResult:
     why: str = ""
 
 
+TORN = ("torn tail: the last line has no end ({n} bytes), as a crash mid-write leaves it; "
+        "`gateway serve` moves such bytes to <audit.path>.torn-<time> and records that on its next start")
+
+
 def verify(lines: Iterable[bytes], key: bytes | None) -> VerifyResult:
     """Check a whole log; the first changed, removed, moved or torn line is reported (1-based)."""
     prev = GENESIS
     count = 0
     for number, raw in enumerate(lines, start=1):
         if not raw.endswith(b"\n"):
-            return VerifyResult(False, count, number, "torn line: the last line is incomplete")
+            return VerifyResult(False, count, number, TORN.format(n=len(raw)))
         try:
             record = json.loads(raw)
         except ValueError:
@@ -86,6 +90,24 @@ def last_hash(tail: bytes) -> str | None:
         if isinstance(record, dict) and isinstance(record.get("hash"), str):
             return record["hash"]
     return None
+
+
+def recovered(torn: bytes, torn_file: str, now: float) -> dict:
+    """The record that puts a torn tail moved aside on record, so the loss is in the chain."""
+    return {
+        "ts": timestamp(now), "event": "recovered", "torn_file": torn_file, "torn_bytes": len(torn),
+        "torn_sha256": hashlib.sha256(torn).hexdigest(),
+        "reason": "the log ended in an incomplete line (a crash mid-write); its bytes were moved aside",
+    }
+
+
+def completed(ex: Any, now: float, duration_s: float) -> dict:
+    """The second line of a streamed answer: whether its last byte left, once it did or the transfer was cut."""
+    return {
+        "ts": timestamp(now), "event": "completed", "request_id": ex.request_id, "client": ex.client,
+        "status": ex.status, "complete": bool(ex.complete), "bytes_out": ex.bytes_out,
+        "duration_ms": round(duration_s * 1000, 3), "reason": ex.reason,
+    }
 
 
 class Redactor:
@@ -129,6 +151,7 @@ def record_of(ex: Any, now: float, duration_s: float) -> dict:
         "decision": ex.decision,
         "reason": ex.reason,
         "status": ex.status,
+        "complete": ex.complete,     # None: streamed, see the "completed" line of this request_id
         "bytes_in": ex.bytes_in,
         "bytes_out": ex.bytes_out,
         "duration_ms": round(duration_s * 1000, 3),

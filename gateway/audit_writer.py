@@ -1,11 +1,19 @@
-"""Writing the audit log without stalling the event loop.
+"""Writing the audit log durably, without stalling the event loop.
 
-Records are queued as requests finish; a background task seals them into the
-chain in order and writes each batch with one write and one fsync in a worker
-thread. When a batch cannot be written (missing folder, disk full, no
-permission, the file removed), the writer is unhealthy: the gateway answers
-503 until a retry succeeds, and the sealed lines are kept and written then, so
-the chain has no gap. A batch that failed half-way is cut back off the file.
+`commit(record)` returns once the record's line is on disk (fsync'ed): the
+pipeline calls it when an answer is decided and sends nothing before it
+returns, so a crash never loses the record of an answered request. Lines are
+group-committed: one background task takes every record waiting at that
+moment, seals them into the chain in order, and writes them with one write and
+one fsync in a worker thread; records that arrive meanwhile form the next group.
+With `audit.sync: batch`, `commit` does not wait and groups gather for 10 ms.
+
+When a group cannot be written (missing folder, disk full, the file removed),
+the writer is unhealthy: the gateway answers 503 to new requests until a retry
+succeeds, the sealed lines are kept and written then (no gap in the chain), and
+answers waiting on them are held until their request's time runs out. A group
+that failed half-way is cut back off the file. On start, a torn last line (a
+crash mid-write) is moved aside and the first new record says so.
 """
 
 from __future__ import annotations
@@ -14,16 +22,22 @@ import asyncio
 import logging
 import os
 import secrets
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from gateway.audit import GENESIS, Redactor, last_hash, seal
+from gateway.audit import GENESIS, Redactor, last_hash, recovered, seal
 
 log = logging.getLogger("gateway.audit")
 RETRY_S = 1.0
 BATCH_INTERVAL_S = 0.01
 MAX_PENDING = 100_000
 TAIL_BYTES = 65536
+
+
+class AuditUnavailable(Exception):
+    """A record could not be put on disk in time."""
 
 
 def load_key(key_file: Path | None) -> bytes | None:
@@ -60,17 +74,54 @@ def redaction_key(audit_path: Path, key: bytes | None) -> bytes:
         return new
 
 
+def move_torn_tail(path: Path, now: float) -> tuple[bytes, str] | None:
+    """Cut an incomplete last line off the log into PATH.torn-<UTC time>; (its bytes, that file's name)."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return None
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return None
+        end = size  # find the last newline, reading backwards
+        keep = 0
+        while end > 0:
+            start = max(0, end - TAIL_BYTES)
+            f.seek(start)
+            chunk = f.read(end - start)
+            at = chunk.rfind(b"\n")
+            if at >= 0:
+                keep = start + at + 1
+                break
+            end = start
+        f.seek(keep)
+        torn = f.read()
+        stamp = datetime.fromtimestamp(now, timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+        aside = path.with_name(f"{path.name}.torn-{stamp}")
+        fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(torn)
+            out.flush()
+            os.fsync(out.fileno())
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    return torn, aside.name
+
+
 class AuditWriter:
-    def __init__(self, path: Path, key: bytes | None, redactor: Redactor | None,
+    def __init__(self, path: Path, key: bytes | None, redactor: Redactor | None, sync: str = "answer",
                  on_written: Callable[[int], None] = lambda n: None,
                  on_dropped: Callable[[], None] = lambda: None):
         self.path, self.key, self.redactor = path, key, redactor
+        self.durable = sync == "answer"
         self.on_written, self.on_dropped = on_written, on_dropped
         self.problem: str | None = None
         self.prev = GENESIS
         self._fd: int | None = None
-        self._pending: list[dict] = []
-        self._sealed: list[bytes] = []   # sealed but not yet on disk
+        self._pending: list[tuple[dict, asyncio.Future | None]] = []
+        self._sealed: list[bytes] = []              # sealed but not yet on disk
+        self._sealed_waiters: list[asyncio.Future] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -98,14 +149,22 @@ class AuditWriter:
     def _continue_chain(self) -> None:
         if not self.path.is_file():
             return  # a device such as /dev/full has no chain to continue
+        moved = move_torn_tail(self.path, time.time())
         with open(self.path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - TAIL_BYTES))
             tail = f.read()
-        if tail and not tail.endswith(b"\n"):
-            log.warning("audit log %s ends in a torn line; the chain continues after it", self.path)
-            os.write(self._fd, b"\n")
         self.prev = last_hash(tail) or GENESIS
+        if moved is not None:
+            torn, name = moved
+            log.warning("audit log %s ended in a torn line (%d bytes): moved to %s", self.path, len(torn), name)
+            line, self.prev = seal(recovered(torn, name, time.time()), self.prev, self.key)
+            try:
+                self._write(line)
+            except OSError:
+                self._sealed.append(line)  # written with the first group that can be
+                raise
+            self.on_written(1)
 
     def _fail(self, exc: OSError) -> None:
         problem = f"cannot write {self.path}: {exc.strerror or exc}"
@@ -114,12 +173,44 @@ class AuditWriter:
         self.problem = problem
 
     def submit(self, record: dict) -> None:
-        """Queue one record; it is sealed and written by the background task."""
+        """Queue one record without waiting for it (a line that no answer waits on)."""
         if len(self._pending) + len(self._sealed) >= MAX_PENDING:
             self.on_dropped()
             return
-        self._pending.append(record)
+        self._pending.append((record, None))
         self._wake.set()
+
+    async def commit(self, record: dict, timeout_s: float | None) -> None:
+        """Queue one record and, under `sync: answer`, return once its line is on disk.
+
+        Raises AuditUnavailable when that does not happen within `timeout_s`; the record
+        stays queued and is written once the log can be written again.
+        """
+        if not self.durable:
+            self.submit(record)
+            return
+        if len(self._pending) + len(self._sealed) >= MAX_PENDING:
+            self.on_dropped()
+            raise AuditUnavailable("too many audit records are waiting to be written")
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((record, done))
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await asyncio.shield(done)
+        except TimeoutError:
+            raise AuditUnavailable(self.problem or "the audit log was not written in time") from None
+
+    def _seal(self, record: dict) -> bytes:
+        try:
+            if self.redactor is not None:
+                record = self.redactor.apply(record)
+            line, self.prev = seal(record, self.prev, self.key)
+        except (TypeError, ValueError) as exc:  # never let one odd record stop the log
+            log.error("audit: record %s could not be sealed (%s)", record.get("request_id"), exc)
+            line, self.prev = seal({"request_id": record.get("request_id"), "error": str(exc)},
+                                   self.prev, self.key)
+        return line
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -132,21 +223,15 @@ class AuditWriter:
                     pass
             elif not self.healthy and not self._closing:
                 await asyncio.sleep(RETRY_S)
-            if self.healthy and not self._closing:
-                # Let records gather: fewer, larger writes and fsyncs, and fewer thread hops.
+            if self.healthy and not self._closing and not self.durable:
+                # batch: let records gather for fewer, larger writes and fsyncs
                 await asyncio.sleep(max(0.0, self._last_write + BATCH_INTERVAL_S - loop.time()))
             self._last_write = loop.time()
-            batch, self._pending = self._pending, []
-            for record in batch:
-                try:
-                    if self.redactor is not None:
-                        record = self.redactor.apply(record)
-                    line, self.prev = seal(record, self.prev, self.key)
-                except (TypeError, ValueError) as exc:  # never let one odd record stop the log
-                    log.error("audit: record %s could not be sealed (%s)", record.get("request_id"), exc)
-                    line, self.prev = seal({"request_id": record.get("request_id"), "error": str(exc)},
-                                           self.prev, self.key)
-                self._sealed.append(line)
+            group, self._pending = self._pending, []
+            for record, done in group:
+                self._sealed.append(self._seal(record))
+                if done is not None:
+                    self._sealed_waiters.append(done)
             if self._sealed:
                 data = b"".join(self._sealed)
                 try:
@@ -154,9 +239,12 @@ class AuditWriter:
                 except OSError as exc:
                     self._fail(exc)
                 else:
-                    written = len(self._sealed)
-                    self._sealed = []
+                    written, waiters = len(self._sealed), self._sealed_waiters
+                    self._sealed, self._sealed_waiters = [], []
                     self.problem = None
+                    for done in waiters:
+                        if not done.done():
+                            done.set_result(None)
                     self.on_written(written)
             elif not self.healthy:
                 try:
@@ -172,7 +260,7 @@ class AuditWriter:
             self._open()
 
     def _write(self, data: bytes) -> None:
-        """One batch: reopen if the file was removed, write it all, fsync; cut it back on failure."""
+        """One group: reopen if the file was removed, write it all, fsync; cut it back on failure."""
         self._probe()
         fd = self._fd
         start = os.lseek(fd, 0, os.SEEK_END)

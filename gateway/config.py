@@ -54,6 +54,8 @@ class TLS:
 class Upstream:
     url: str = "embedded"
     timeout_s: float = 30.0
+    keepalive_s: float = 10.0          # idle upstream connections older than this are not reused
+    max_connections: int = 100         # open upstream connections at most; callers past it wait
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class Audit:
     path: Path = Path("data/audit.jsonl")
     key_file: Path | None = None
     redact: tuple[str, ...] = ()
+    sync: str = "answer"               # answer: a line is on disk before its answer's first byte; batch: within 10 ms
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,7 @@ class Limits:
     header_timeout_s: float = 10.0
     request_timeout_s: float = 120.0
     drain_timeout_s: float = 30.0      # SIGTERM: how long in-flight requests may still take
+    max_connections: int = 10000       # open client connections at most; past it new ones are closed at once
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ _CHOICES = {
     "tls.crl_check": ("leaf", "chain"),
     "tls.min_version": ("TLSv1.2", "TLSv1.3"),
     "rate_limit.on_storage_error": ("deny", "allow"),
+    "audit.sync": ("answer", "batch"),
 }
 
 
@@ -204,6 +209,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if config.upstream.url != "embedded" and not config.upstream.url.startswith(("http://", "https://")):
         raise ConfigError(file, "upstream.url", "must be 'embedded' or an http(s):// URL")
     parse_host_port(config.reference_api.listen, file, "reference_api.listen")
+    for key, value in (("upstream.max_connections", config.upstream.max_connections),
+                       ("limits.max_connections", config.limits.max_connections)):
+        if value < 1:
+            raise ConfigError(file, key, "must be at least 1")
     return config
 
 

@@ -24,8 +24,8 @@ from aiohttp.helpers import parse_mimetype
 from cryptography import x509
 from multidict import CIMultiDict
 
-from gateway.audit import record_of
-from gateway.audit_writer import AuditWriter
+from gateway.audit import completed, record_of
+from gateway.audit_writer import AuditUnavailable, AuditWriter
 from gateway.compat import verified_chain
 from gateway.config import Config
 from gateway.credentials import Standing, Trust
@@ -47,6 +47,7 @@ from gateway.upstream import Upstream, UpstreamTimeout, UpstreamUnavailable
 log = logging.getLogger("gateway.proxy")
 ANONYMIZE_LIMIT = 65536
 SMALL_BODY = 65536  # answers up to this size are read whole and sent in one write
+AUDIT_WAIT_S = 3.0  # how long an answer waits for its audit line (a few retries of a failed write)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class Exchange:
     bytes_out: int = 0
     upstream_seconds: float | None = None
     limit_headers: dict[str, str] | None = None
-    response: web.StreamResponse | None = None   # once streaming to the client has begun
+    response: web.StreamResponse | None = None   # a streamed answer (its head decided)
+    complete: bool | None = None                 # the last byte left; None while a stream is under way
     close: bool = False                          # close the connection after this answer
     waiting: bool = False                        # the client may hold its body back for 100 Continue
 
@@ -180,6 +182,20 @@ def expects_continue(request: web.BaseRequest) -> bool:
     raise Refused(417, "the only expectation this server meets is a lone 100-continue", "bad_expect")
 
 
+class _AuditedOnPrepare(web.Response):
+    """An answer built by aiohttp's synchronous error hook: its audit line is written when it is sent."""
+
+    def __init__(self, before_send, **kwargs):
+        super().__init__(**kwargs)
+        self._before_send = before_send
+
+    async def prepare(self, request):
+        before, self._before_send = self._before_send, None
+        if before is not None and not await before():
+            raise ConnectionResetError("the audit line could not be written: nothing is sent")
+        return await super().prepare(request)
+
+
 def problem_response(ex: Exchange, status: int, slug: str, detail: str) -> web.Response:
     resp = web.Response(status=status, body=problem_bytes(status, slug, detail, ex.request_id),
                         content_type=PROBLEM_TYPE)
@@ -210,21 +226,23 @@ class Pipeline:
             if exc.headers:
                 response.headers.update(exc.headers)
         except TimeoutError:
-            started = ex.response
-            if started is not None and started.prepared:
-                ex.reason = "request timeout while sending the response"
-                if request.transport is not None:
-                    request.transport.close()
-                response = started
-            else:
-                ex.status, ex.reason = (504, "upstream timeout") if ex.decision == "allow" else (
-                    408, "request timeout")
-                ex.code = "timeout"
-                response = problem_response(ex, ex.status, _SLUGS[ex.status], ex.reason)
+            if ex.response is not None:  # the answer's head has left: all that can be done is cut it
+                self._cut(gw, request, ex, "request timeout while sending the response")
+                return ex.response
+            ex.status, ex.reason = (504, "upstream timeout") if ex.decision == "allow" else (
+                408, "request timeout")
+            ex.code = "timeout"
+            response = problem_response(ex, ex.status, _SLUGS[ex.status], ex.reason)
         except asyncio.CancelledError:
             # the client went away, or the drain on SIGTERM ran out: audited all the same
-            ex.status, ex.reason, ex.code = ex.status or 499, "cancelled before the answer was complete", "cancelled"
-            self._done(gw, ex)
+            if ex.response is not None:
+                self._cut(gw, request, ex, "cancelled while sending the response")
+            else:
+                ex.status, ex.reason, ex.code = ex.status or 499, "cancelled before the answer was complete", "cancelled"
+                ex.complete = False
+                self._count(gw, ex)
+                if gw.audit is not None:
+                    gw.audit.submit(record_of(ex, time.time(), time.perf_counter() - ex.started))
             raise
         except Exception:  # never a traceback to the client
             log.exception("unexpected error in %s %s", request.method, request.raw_path)
@@ -233,13 +251,15 @@ class Pipeline:
         finally:
             if spool is not None:
                 spool.close()
-        if ex.limit_headers and not response.prepared:
+        if ex.response is not None:
+            return response  # streamed: sent, and its completion recorded, by _forward
+        if ex.limit_headers:
             response.headers.update(ex.limit_headers)
         if not request.content.is_eof() or ex.close:
             response.force_close()  # a refused body is not read on just to reuse the connection
-        if not response.prepared and response.body is not None:
-            ex.bytes_out = len(response.body)
-        self._done(gw, ex)
+        ex.bytes_out, ex.complete = len(response.body), True
+        if not await self._answered(gw, request, ex):
+            return response  # its line could not be written: the connection is closed, nothing is sent
         if ex.waiting and not request.content.is_eof():
             # Refused before the body was asked for: the client holds it back, so there is nothing
             # to linger for (aiohttp would wait for it). Answer, then close at once.
@@ -260,13 +280,14 @@ class Pipeline:
             ex.code, ex.reason = "bad_http", f"malformed HTTP request: {message}"[:200]
             detail = "the request is not valid HTTP"
         ex.status = status
-        response = problem_response(ex, status, _SLUGS.get(status, "bad-request"), detail)
-        ex.bytes_out = len(response.body)
-        self._done(gw, ex)
+        body = problem_bytes(status, _SLUGS.get(status, "bad-request"), detail, ex.request_id)
+        ex.bytes_out, ex.complete = len(body), True
+        response = _AuditedOnPrepare(lambda: self._answered(gw, request, ex), status=status, body=body,
+                                     content_type=PROBLEM_TYPE)
+        response.headers[REQUEST_ID_HEADER] = ex.request_id
         return response
 
-    def _done(self, gw: Gateway, ex: Exchange) -> None:
-        """Count and audit the exchange once it is answered."""
+    def _count(self, gw: Gateway, ex: Exchange) -> None:
         duration = time.perf_counter() - ex.started
         m, op = gw.metrics, ex.operation or "none"
         m.requests.labels(ex.client, op, str(ex.status)).inc()
@@ -279,8 +300,46 @@ class Pipeline:
             m.rate_limited.labels(ex.client, op).inc()
         if ex.upstream_seconds is not None:
             m.upstream_duration.labels(op).observe(ex.upstream_seconds)
+
+    async def _answered(self, gw: Gateway, request: web.BaseRequest, ex: Exchange) -> bool:
+        """The answer is decided: count it, and put its audit line on disk before its first byte leaves.
+
+        False when the line could not be written in time: then no byte of the answer may leave,
+        so the connection is closed instead, and a second line records that nothing was sent.
+        """
+        if ex.response is None:
+            self._count(gw, ex)  # a streamed answer is counted once it is over
+        if gw.audit is None:
+            return True
+        record = record_of(ex, time.time(), time.perf_counter() - ex.started)
+        if ex.code == "audit_unavailable":
+            # The one answer that cannot wait for its line: the log is what is broken. Its line is
+            # queued and written, in chain order, once the log can be written again.
+            gw.audit.submit(record)
+            return True
+        try:
+            await gw.audit.commit(record, min(gw.config.limits.request_timeout_s, AUDIT_WAIT_S))
+            return True
+        except AuditUnavailable as exc:
+            log.error("audit: no answer sent to request %s: %s", ex.request_id, exc)
+            ex.complete, ex.bytes_out = False, 0
+            ex.reason = "not sent: its audit line could not be written"
+            gw.audit.submit(completed(ex, time.time(), time.perf_counter() - ex.started))
+            request.protocol.force_close()
+            return False
+
+    def _streamed(self, gw: Gateway, ex: Exchange) -> None:
+        """A streamed answer is over (whole or cut): count it and record how it ended."""
+        self._count(gw, ex)
         if gw.audit is not None:
-            gw.audit.submit(record_of(ex, time.time(), duration))
+            gw.audit.submit(completed(ex, time.time(), time.perf_counter() - ex.started))
+
+    def _cut(self, gw: Gateway, request: web.BaseRequest, ex: Exchange, why: str) -> None:
+        """Too late for a problem answer: cut the connection so the client sees a broken body."""
+        ex.complete, ex.reason = False, why
+        if request.transport is not None:
+            request.transport.close()
+        self._streamed(gw, ex)
 
     # -- identity, client, operation ------------------------------------------
 
@@ -450,17 +509,19 @@ class Pipeline:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
             if length is not None:
                 response.content_length = length
-            ex.response = response
+            ex.response, ex.complete, ex.bytes_out = response, None, length or 0
+            if not await self._answered(gw, request, ex):
+                return response
+            ex.bytes_out = 0
             await response.prepare(request)
             try:
                 async for chunk in upstream.iter_chunks(CHUNK):
                     ex.bytes_out += len(chunk)
                     await response.write(chunk)
+                await response.write_eof()
             except (aiohttp.ClientError, TimeoutError, ConnectionError):
-                # Too late for a problem answer: cut the connection so the client sees a broken body.
-                ex.reason = "upstream failed while sending the response"
-                if request.transport is not None:
-                    request.transport.close()
+                self._cut(gw, request, ex, "the transfer broke off (the upstream or the client went away)")
                 return response
-            await response.write_eof()
+            ex.complete = True
+            self._streamed(gw, ex)
         return response

@@ -135,7 +135,7 @@ def audit_writer(config: Config, metrics: Metrics, worker: int | None = None) ->
     if worker is not None:
         path = path.with_name(f"{path.name}.w{worker}")
     redactor = Redactor(config.audit.redact, redaction_key(config.audit.path, key)) if config.audit.redact else None
-    return AuditWriter(path, key, redactor, on_written=metrics.audit_records.inc,
+    return AuditWriter(path, key, redactor, config.audit.sync, on_written=metrics.audit_records.inc,
                        on_dropped=metrics.audit_dropped.inc)
 
 

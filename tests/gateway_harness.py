@@ -154,6 +154,7 @@ class RecordingUpstream:
     })
     document_bytes: int = 1000
     latency_s: float = 0.0    # how long each answer takes, as a real upstream's database look-up would
+    cut_after: int | None = None   # documents: close the connection after this many bytes of the body
 
     def paths(self) -> list[str]:
         return [f"{r.method} {r.path}" for r in self.seen]
@@ -192,6 +193,10 @@ class RecordingUpstream:
                 left = self.document_bytes
                 while left:
                     n = min(left, 1 << 20)
+                    if self.cut_after is not None and self.document_bytes - left + n > self.cut_after:
+                        await resp.write(b"%" * (self.cut_after - (self.document_bytes - left)))
+                        request.transport.close()  # the upstream dies mid-answer
+                        return resp
                     await resp.write(b"%" * n)
                     left -= n
                 await resp.write_eof()
