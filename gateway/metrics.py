@@ -40,6 +40,8 @@ class Metrics:
                                      registry=r)
         self.config_reloads = Counter("gateway_config_reloads_total", "Configuration reloads by result",
                                       ["result"], registry=r)
+        self.upstream_restarts = Counter("gateway_upstream_restarts_total",
+                                         "Restarts of the embedded reference API after it exited", registry=r)
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r)
 
     def set_expiry(self, times: dict[str, float]) -> None:

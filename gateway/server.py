@@ -14,10 +14,7 @@ import dataclasses
 import logging
 import signal
 import ssl
-import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +27,7 @@ from gateway.policy import PolicyError, load_policies
 from gateway.proxy import Gateway, Pipeline
 from gateway.oplog import SUMMARY_INTERVAL_S, Summary, event
 from gateway.credentials import Trust
+from gateway.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
 from gateway.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, load_trust, server_context
 from gateway.tls_listener import ContextHolder, TLSSite
 from gateway.audit import Redactor
@@ -47,43 +45,6 @@ READINESS_INTERVAL_S = 5.0
 
 class StartError(Exception):
     """The gateway cannot start; one line saying why."""
-
-
-class EmbeddedReference:
-    """The reference API as a child process, for `upstream.url: embedded`."""
-
-    def __init__(self, config: Config):
-        self.config = config
-        host, port = parse_host_port(config.reference_api.listen, config.file, "reference_api.listen")
-        self.url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self, deadline_s: float = 30.0) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "reference-api", "-c", str(self.config.file)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        )
-        deadline = time.monotonic() + deadline_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = (self.proc.stderr.read() or "").strip().splitlines()
-                raise StartError(f"the embedded reference API did not start: {err[-1] if err else 'exited'}")
-            try:
-                with urllib.request.urlopen(self.url + "/healthz", timeout=1):
-                    return
-            except OSError:
-                time.sleep(0.05)
-        self.stop()
-        raise StartError(f"the embedded reference API did not answer on {self.url} within {deadline_s:.0f}s")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: AuditWriter | None,
@@ -173,14 +134,17 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     reference = None
     upstream_url = config.upstream.url
     if upstream_url == "embedded":
-        reference = EmbeddedReference(config)
+        reference = EmbeddedReference(config, on_restart=metrics.upstream_restarts.inc)
         upstream_url = reference.url
     limiter = limiter_storage(config)
     audit = audit_writer(config, metrics, worker)
     gateway = build_gateway(config, Upstream(upstream_url, config.upstream.timeout_s), metrics, audit, limiter)
     gateway.trust, gateway.tls_context, gateway.clock = trust, ctx, clock
     if reference is not None and worker is None:
-        await asyncio.get_running_loop().run_in_executor(None, reference.start)
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, reference.start)
+        except EmbeddedStartError as exc:
+            raise StartError(str(exc)) from None
     else:
         reference = None  # a worker's parent runs the embedded upstream
     await audit.start()
@@ -211,6 +175,8 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         raise StartError(f"cannot listen: {exc.strerror or exc}") from None
     running.tasks.append(asyncio.create_task(_summaries(running), name="summaries"))
     running.tasks.append(asyncio.create_task(_readiness(running), name="readiness"))
+    if reference is not None:
+        running.tasks.append(asyncio.create_task(_supervise(reference), name="supervise-upstream"))
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
           admin=f"http://{config.admin.host}:{config.admin.port + (worker or 0)}", upstream=upstream_url,
           clients=[p.client for p in gateway.policies.policies], rate_limit=config.rate_limit.storage,
@@ -228,6 +194,13 @@ async def _summaries(running: Running) -> None:
             note_crl(check_crl(running.config.tls))
         except (TLSConfigError, OSError, ValueError):
             pass
+
+
+async def _supervise(reference: EmbeddedReference) -> None:
+    """Reap and restart the embedded reference API whenever it exits (see embedded.py)."""
+    while True:
+        reference.tick()
+        await asyncio.sleep(TICK_S)
 
 
 async def _readiness(running: Running) -> None:

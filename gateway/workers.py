@@ -2,7 +2,8 @@
 
 Each worker binds the port with SO_REUSEPORT, so the kernel spreads new
 connections between them. The parent starts the embedded upstream once,
-passes SIGHUP and SIGTERM on to the workers, restarts a worker that dies,
+passes SIGHUP and SIGTERM on to the workers, restarts a worker that dies
+(and the embedded upstream, see embedded.py),
 and exits when they have all stopped. Worker i has the admin port
 admin.port + i and writes its own audit chain (audit.path + ".w<i>"). In-memory
 rate limits would give every worker limits of its own, so with rate limits
@@ -47,7 +48,8 @@ def _spawn(config: Config, index: int) -> subprocess.Popen:
 
 
 def run_workers(config: Config, workers: int) -> None:
-    from gateway.server import EmbeddedReference, StartError
+    from gateway.embedded import EmbeddedReference, EmbeddedStartError
+    from gateway.server import StartError
 
     try:
         check_workers(config, workers)
@@ -55,7 +57,10 @@ def run_workers(config: Config, workers: int) -> None:
         raise StartError(str(exc)) from None
     reference = EmbeddedReference(config) if config.upstream.url == "embedded" else None
     if reference is not None:
-        reference.start()
+        try:
+            reference.start()
+        except EmbeddedStartError as exc:
+            raise StartError(str(exc)) from None
     procs = {i: _spawn(config, i) for i in range(workers)}
     stopping = False
 
@@ -72,7 +77,9 @@ def run_workers(config: Config, workers: int) -> None:
     event("workers", count=workers)
     try:
         while procs:
-            time.sleep(0.2)
+            time.sleep(0.1)
+            if reference is not None and not stopping:
+                reference.tick()  # reap and restart the embedded upstream when it exits
             for i, proc in list(procs.items()):
                 code = proc.poll()
                 if code is None:

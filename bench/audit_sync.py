@@ -1,0 +1,90 @@
+"""What `audit.sync: answer` costs against `batch`: req/s and latency, measured with autocannon.
+
+Two gateways in front of one trivial upstream (bench/gateway.py's), alike but for
+`audit.sync`, loaded in turn (A B A B) by autocannon with a client certificate
+(node and ../shared/bench/load.js, or LOAD_JS=path): 32 keep-alive connections,
+GET /orders/{id}/state. Prints each run and the medians.
+
+    cp -r ../shared/bench /tmp/load && (cd /tmp/load && npm install --silent)
+    LOAD_JS=/tmp/load/load.js python bench/audit_sync.py [--seconds 5] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import importlib.util  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("bench_gateway", Path(__file__).resolve().parent / "gateway.py")
+bench = importlib.util.module_from_spec(_spec)  # bench/gateway.py, whose name the gateway package shadows
+_spec.loader.exec_module(bench)
+from support import free_port  # noqa: E402
+
+
+def autocannon(load_js: str, url: str, pki_dir: Path, connections: int, seconds: float) -> dict:
+    out = subprocess.run(
+        ["node", load_js, url, str(connections), str(seconds), str(pki_dir / "ca.crt"),
+         str(pki_dir / "clients" / "bench.crt"), str(pki_dir / "clients" / "bench.key")],
+        capture_output=True, text=True, check=True, timeout=seconds + 60)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    load_js = os.environ.get("LOAD_JS", str(bench.ROOT.parent / "shared" / "bench" / "load.js"))
+    if not Path(load_js).is_file():
+        print(f"no load script at {load_js}: set LOAD_JS (see this file's docstring)", file=sys.stderr)
+        return 2
+    procs = []
+    with tempfile.TemporaryDirectory(prefix="bench-audit-") as name:
+        tmp = Path(name)
+        pki_dir, up = tmp / "pki", free_port()
+        bench.pki.init(pki_dir, ["bench"])
+        ctx = bench.client_ssl(pki_dir, "bench")
+        try:
+            procs.append(upstream := bench.start([sys.executable, bench.__file__, "--serve-upstream", str(up)],
+                                                 tmp / "up.log"))
+            bench.wait_ready("upstream", upstream, tmp / "up.log",
+                             lambda: bench.http_get(f"http://127.0.0.1:{up}/orders/{bench.ORDER_ID}"))
+            urls = {}
+            for sync in ("answer", "batch"):
+                (d := tmp / sync).mkdir()
+                (d / "pki").symlink_to(pki_dir)
+                config, port, admin = bench.write_gateway_config(d, up)
+                data = json.loads(config.read_text())
+                data["audit"]["sync"] = sync
+                config.write_text(json.dumps(data))
+                procs.append(gw := bench.start([sys.executable, "-m", "gateway", "serve", "-c", str(config)],
+                                               d / "gw.log"))
+                bench.wait_ready(sync, gw, d / "gw.log", lambda: bench.handshake(port, ctx))
+                urls[sync] = f"https://127.0.0.1:{port}/orders/{bench.ORDER_ID}/state"
+            runs: dict[str, list[dict]] = {"answer": [], "batch": []}
+            for _ in range(args.rounds):
+                for sync, url in urls.items():
+                    r = autocannon(load_js, url, pki_dir, args.connections, args.seconds)
+                    runs[sync].append(r)
+                    print(f"sync: {sync:<6} {r['rps']:8.0f} req/s  p50 {r['p50']:5.1f} ms  p99 {r['p99']:5.1f} ms  "
+                          f"non-2xx {r['non2xx']}  errors {r['errors']}")
+        finally:
+            for proc in reversed(procs):
+                bench.stop(proc)
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in ("rps", "p50", "p99")} for s, rs in runs.items()}
+    a, b = med["answer"], med["batch"]
+    print(f"medians: answer {a['rps']:.0f} req/s p50 {a['p50']:.1f} p99 {a['p99']:.1f} ms; "
+          f"batch {b['rps']:.0f} req/s p50 {b['p50']:.1f} p99 {b['p99']:.1f} ms; answer/batch {a['rps'] / b['rps']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
