@@ -58,7 +58,7 @@ def redaction_key(audit_path: Path, key: bytes | None) -> bytes:
         return hmac.new(key, b"gateway audit redaction", hashlib.sha256).digest()
     path = audit_path.parent / "audit-redact.key"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     except OSError:
         pass  # the log folder is unusable; the writer reports that
     try:
@@ -133,7 +133,7 @@ class AuditWriter:
 
     async def start(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._open()
             self._continue_chain()
         except OSError as exc:
@@ -144,7 +144,7 @@ class AuditWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
     def _continue_chain(self) -> None:
         if not self.path.is_file():

@@ -1,16 +1,19 @@
-"""Where the gateway leans on names aiohttp and Python's ssl do not promise to keep.
+"""Where the gateway leans on names aiohttp, asyncio and ssl do not promise to keep.
 
 Each such name is used here and only here, and tests/test_compat.py checks
 that it still exists in the installed version (pyproject bounds aiohttp
-below 4). asyncio's SSL protocol hooks live in tls_listener.py and are
-checked by the same test.
+below 4; Python is 3.11 or newer).
 """
 
 from __future__ import annotations
 
 import ssl
+import threading
+from asyncio import sslproto
+from typing import Callable
 
 import aiohttp.web_response
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 # aiohttp adds `Server: Python/3.x aiohttp/3.y` to every answer that has none
 # (StreamResponse._prepare_headers reads this module global at send time). Software
@@ -38,3 +41,117 @@ def verified_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
         return list(getter() or [])
     chain = ssl_object._sslobj.get_verified_chain()
     return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain or ()]
+
+
+# -- asyncio's SSL protocol ----------------------------------------------------------------------
+#
+# asyncio reports a refused handshake nowhere (an SSLError is an OSError, which it logs only in
+# debug mode), and gives every connection a 256 KiB receive buffer of its own, allocated and
+# zeroed when the connection is made: 1,000 idle connections cost 300 MiB. This subclass
+# reports handshake failures, reads the socket into one buffer per thread (the transport calls
+# get_buffer, recv_into and buffer_updated in one go, and buffer_updated copies the bytes into
+# the connection's MemoryBIO at once, so no connection holds the buffer between reads), and
+# lets a gate refuse a connection before its handshake starts.
+
+SOCKET_READ_BYTES = 256 * 1024
+_per_thread = threading.local()
+
+
+def _shared_read_buffer() -> memoryview:
+    view = getattr(_per_thread, "view", None)
+    if view is None:
+        view = _per_thread.view = memoryview(bytearray(SOCKET_READ_BYTES))
+    return view
+
+
+class GatedSSLProtocol(sslproto.SSLProtocol):
+    """asyncio's server-side TLS protocol: failures reported, a shared read buffer, a connection gate."""
+
+    # Plaintext read size (one TLS record holds at most 16 KiB), and the size of the buffer the base
+    # class allocates in __init__, dropped at once in favour of the shared one.
+    max_size = 32 * 1024
+
+    def __init__(self, *args, on_failure: Callable[[BaseException], None],
+                 admit: Callable[[], bool], release: Callable[[], None], **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ssl_buffer = self._ssl_buffer_view = None
+        self._on_failure, self._admit, self._release = on_failure, admit, release
+        self._admitted = False
+
+    def get_buffer(self, n):
+        self._ssl_buffer_view = _shared_read_buffer()
+        return self._ssl_buffer_view
+
+    def connection_made(self, transport):
+        if not self._admit():
+            transport.abort()  # past limits.max_connections: closed at once, before any handshake
+            return
+        self._admitted = True
+        super().connection_made(transport)
+
+    def connection_lost(self, exc):
+        if not self._admitted:
+            return
+        self._admitted = False
+        self._release()
+        super().connection_lost(exc)
+
+    def _on_handshake_complete(self, handshake_exc):
+        if handshake_exc is None:
+            try:
+                self._sslobj.getpeercert()
+            except Exception as exc:  # what the base class would turn into a failure
+                handshake_exc = exc
+        if handshake_exc is not None:
+            self._on_failure(handshake_exc)
+        return super()._on_handshake_complete(handshake_exc)
+
+    def _check_handshake_timeout(self):
+        if self._state == sslproto.SSLProtocolState.DO_HANDSHAKE:
+            self._on_failure(TimeoutError("the TLS handshake took too long"))
+        return super()._check_handshake_timeout()
+
+
+# -- aiohttp's request handler -------------------------------------------------------------------
+
+class BodyFramingError(Exception):
+    """The request body's framing broke (a malformed chunk) while the body was being read."""
+
+
+class ProblemRequestHandler(RequestHandler):
+    """aiohttp's request handler, answering requests its parser refused through the gateway's hook.
+
+    Without this, a request aiohttp cannot parse gets a text/plain 400 that is neither
+    problem+json nor audited. The hook (`on_http_error` on the web.Server) builds both.
+    And when the parser fails in the middle of a body (a malformed chunk in a later
+    packet), aiohttp queues the error as a next message but leaves the body being read
+    waiting until its timeout; this fails that body at once instead.
+    """
+
+    __slots__ = ()
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        current = self._current_request
+        if current is None or len(self._messages) <= queued:
+            return
+        error = self._messages[-1][0]
+        if isinstance(error, _ErrInfo) and not current.content.is_eof():
+            current.content.set_exception(BodyFramingError(error.message))
+
+    def handle_error(self, request, status=500, exc=None, message=None):
+        hook = getattr(self._manager, "on_http_error", None)
+        if hook is None or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        self.log_debug("refused a malformed request: %s", message)
+        response = hook(request, status, message or "")
+        response.force_close()
+        return response
+
+
+def problem_request_handler(server) -> RequestHandler:
+    """A request handler of `server` (a web.Server) that answers parse errors through its hook."""
+    handler = server()
+    handler.__class__ = ProblemRequestHandler  # same slots: only handle_error differs
+    return handler

@@ -42,6 +42,11 @@ class Metrics:
                                       ["result"], registry=r)
         self.upstream_restarts = Counter("gateway_upstream_restarts_total",
                                          "Restarts of the embedded reference API after it exited", registry=r)
+        self.connections_open = Gauge("gateway_connections_open", "Open client connections", registry=r)
+        self.connections_refused = Counter("gateway_connections_refused_total",
+                                           "Client connections closed at once, by reason (limit: "
+                                           "limits.max_connections were open)", ["reason"], registry=r)
+        self.connections_refused.labels("limit")
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r)
 
     def set_expiry(self, times: dict[str, float]) -> None:

@@ -26,7 +26,7 @@ from multidict import CIMultiDict
 
 from gateway.audit import completed, record_of
 from gateway.audit_writer import AuditUnavailable, AuditWriter
-from gateway.compat import verified_chain
+from gateway.compat import BodyFramingError, verified_chain
 from gateway.config import Config
 from gateway.credentials import Standing, Trust
 from gateway.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
@@ -46,6 +46,7 @@ from gateway.upstream import Upstream, UpstreamTimeout, UpstreamUnavailable
 
 log = logging.getLogger("gateway.proxy")
 ANONYMIZE_LIMIT = 65536
+ANONYMIZE_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded", "application/json"})
 SMALL_BODY = 65536  # answers up to this size are read whole and sent in one write
 AUDIT_WAIT_S = 3.0  # how long an answer waits for its audit line (a few retries of a failed write)
 
@@ -105,7 +106,7 @@ class Refused(Exception):
 
 _SLUGS = {400: "bad-request", 403: "forbidden", 404: "not-found", 408: "request-timeout", 413: "body-too-large",
           415: "unsupported-media-type", 417: "expectation-failed", 429: "rate-limited", 500: "internal",
-          502: "bad-gateway", 503: "unavailable", 504: "gateway-timeout"}
+          502: "bad-gateway", 503: "unavailable", 504: "gateway-timeout", 505: "http-version-not-supported"}
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -217,6 +218,9 @@ class Pipeline:
                 policy, rt, waits = self._admit(gw, request, ex)
                 await self._limit(gw, ex, policy, rt)
                 spool = await self._inspect(gw, request, ex, policy, rt, waits)
+                # the body may have taken a while: the credentials must still hold, under the trust
+                # in force now (a reload may have come in between), when the request goes upstream
+                admit_peer(self.gateway, request.transport, ex)
                 response = await self._forward(gw, request, ex, rt, spool)
         except Refused as exc:
             ex.status, ex.reason, ex.code = exc.status, exc.reason, exc.code
@@ -244,6 +248,15 @@ class Pipeline:
                 if gw.audit is not None:
                     gw.audit.submit(record_of(ex, time.time(), time.perf_counter() - ex.started))
             raise
+        except ConnectionError:
+            # the client went away mid-request (aiohttp fails the body it was sending): nobody to answer
+            ex.status, ex.reason, ex.code = 499, "the client closed the connection before its answer", "client_gone"
+            ex.complete = False
+            self._count(gw, ex)
+            if gw.audit is not None:
+                gw.audit.submit(record_of(ex, time.time(), time.perf_counter() - ex.started))
+            request.protocol.force_close()
+            return web.Response(status=400)  # never sent: the connection is gone
         except Exception:  # never a traceback to the client
             log.exception("unexpected error in %s %s", request.method, request.raw_path)
             ex.status, ex.reason, ex.code = 500, "internal error", "internal"
@@ -352,6 +365,10 @@ class Pipeline:
         policy = admit_peer(gw, request.transport, ex)
         if gw.audit is not None and not gw.audit.healthy:
             raise Refused(503, "the audit log cannot be written, so nothing is served", "audit_unavailable")
+        if request.version not in ((1, 1), (1, 0)):
+            ex.close = True
+            raise Refused(505, f"HTTP/{request.version[0]}.{request.version[1]} is not served; use HTTP/1.1",
+                          "bad_http")
         rt = route(request.method, request.raw_path)
         if rt is None:
             raise Refused(404, f"no operation {request.method} {request.raw_path}"[:300], "no_operation")
@@ -404,7 +421,7 @@ class Pipeline:
                 raise Refused(400, f"{op.value} takes no request body", "bad_request")
             if op in ORDER_SCOPED:
                 try:
-                    solicitor = await gw.upstream.order_solicitor(rt.order_id, self._headers(gw, request, ex))
+                    solicitor = await gw.upstream.order_solicitor(rt.order_id, self._lookup_headers(gw, request, ex))
                 except UpstreamUnavailable as exc:
                     raise Refused(502, str(exc), "upstream_unavailable") from None
                 except UpstreamTimeout as exc:
@@ -428,6 +445,8 @@ class Pipeline:
             if policy.max_upload_bytes:
                 limit = min(limit, policy.max_upload_bytes)
         else:
+            if request.content_type not in ANONYMIZE_TYPES:
+                raise Refused(415, "anonymize_user needs a multipart/form-data, urlencoded or JSON body", "bad_body")
             limit = min(limit, ANONYMIZE_LIMIT)
         if request.content_length is not None and request.content_length > limit:
             raise Refused(413, f"the body is larger than {limit} bytes", "body_too_large")
@@ -450,6 +469,10 @@ class Pipeline:
         except BodyRefused as exc:
             spool.close()
             raise Refused(exc.status, exc.reason, "body_too_large" if exc.status == 413 else "bad_body") from None
+        except BodyFramingError as exc:
+            spool.close()
+            ex.close = True
+            raise Refused(400, f"the request body's framing is malformed: {exc}"[:200], "bad_body") from None
         except BaseException:  # refused, timed out, client gone: the spool's file goes now
             spool.close()
             raise
@@ -458,6 +481,14 @@ class Pipeline:
         return spool
 
     # -- forwarding ----------------------------------------------------------------
+
+    def _lookup_headers(self, gw: Gateway, request: web.BaseRequest, ex: Exchange) -> dict[str, str]:
+        """The gateway's own order look-up: none of the client's headers (a conditional one would
+        make an existing order answer 304 or 412 where an absent one answers 404)."""
+        token = None
+        if gw.tokens is not None and ex.identity is not None:
+            token = gw.tokens.token(ex.client, ex.identity.fingerprint_sha256)
+        return upstream_request_headers((), request_id=ex.request_id, client_ip=request.remote or "", token=token)
 
     def _headers(self, gw: Gateway, request: web.BaseRequest, ex: Exchange) -> dict[str, str]:
         token = None
@@ -505,8 +536,8 @@ class Pipeline:
                 ex.bytes_out = len(body)
                 if created:  # a look-up of this id may have been cached as absent
                     gw.upstream.solicitors.discard(body.decode("latin-1").strip().lower())
-                return web.Response(status=upstream.status, reason=upstream.reason, body=body, headers=headers)
-            response = web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+                return web.Response(status=upstream.status, body=body, headers=headers)
+            response = web.StreamResponse(status=upstream.status, headers=headers)
             if length is not None:
                 response.content_length = length
             ex.response, ex.complete, ex.bytes_out = response, None, length or 0
@@ -519,8 +550,14 @@ class Pipeline:
                     ex.bytes_out += len(chunk)
                     await response.write(chunk)
                 await response.write_eof()
-            except (aiohttp.ClientError, TimeoutError, ConnectionError):
-                self._cut(gw, request, ex, "the transfer broke off (the upstream or the client went away)")
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if isinstance(exc, ConnectionError):  # aiohttp's own: writing to a client that left
+                    self._cut(gw, request, ex, "the client went away during the transfer")
+                else:
+                    self._cut(gw, request, ex, "the upstream failed during the transfer")
+                return response
+            except ConnectionError:
+                self._cut(gw, request, ex, "the client went away during the transfer")
                 return response
             ex.complete = True
             self._streamed(gw, ex)

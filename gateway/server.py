@@ -29,7 +29,7 @@ from gateway.oplog import SUMMARY_INTERVAL_S, Summary, event
 from gateway.credentials import Trust
 from gateway.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
 from gateway.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, load_trust, server_context
-from gateway.tls_listener import ContextHolder, TLSSite
+from gateway.tls_listener import ConnectionGate, ContextHolder, TLSSite
 from gateway.audit import Redactor
 from gateway.audit_writer import AuditWriter, load_key, redaction_key
 from gateway.metrics import Metrics
@@ -161,8 +161,10 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         metrics.handshake_failures.labels(reason).inc()
         handshakes.add(reason)
 
+    gate = ConnectionGate(config.limits.max_connections, on_count=metrics.connections_open.set,
+                          on_refused=metrics.connections_refused.labels("limit").inc)
     site = TLSSite(runner, config.listen.host, config.listen.port, contexts, config.limits.header_timeout_s,
-                   on_failure, reuse_port=reuse_port)
+                   on_failure, gate, reuse_port=reuse_port)
     admin_runner = web.AppRunner(admin_app(pipeline), access_log=None, handle_signals=False)
     await admin_runner.setup()
     running = Running(config, pipeline, contexts, runner, admin_runner, reference, handshakes, [])

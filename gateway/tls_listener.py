@@ -1,21 +1,20 @@
-"""The TLS listening socket: handshakes counted by why they failed, contexts swapped live.
+"""The TLS listening socket: handshakes counted by why they failed, contexts swapped live, connections capped.
 
-asyncio's own TLS server reports a refused handshake nowhere (an SSLError is
-an OSError, which it only logs in debug mode), so the listener wraps each
-connection in a subclass of asyncio's SSLProtocol that counts failures, and
-takes the SSL context from a holder for every new connection: a reload swaps
-the holder's context and only new handshakes see it.
+Each connection gets asyncio's TLS protocol as adapted in compat.py (failures
+reported, a shared read buffer, a gate), the SSL context new connections get
+from a holder (a reload swaps the holder's context; only new handshakes see
+it), and aiohttp's request handler answering parse errors through the pipeline.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from asyncio import sslproto
 from typing import Callable
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+
+from gateway.compat import GatedSSLProtocol, problem_request_handler
 
 # OpenSSL X509_V_ERR_* codes
 _VERIFY_REASONS = {
@@ -36,7 +35,7 @@ def handshake_failure_reason(exc: BaseException | None) -> str:
         if "VERSION" in reason or "PROTOCOL" in reason:
             return "protocol_version"
         return "other"
-    if isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc):
+    if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
         return "timeout"
     return "other"
 
@@ -48,70 +47,53 @@ class ContextHolder:
         self.context = context
 
 
-class _CountingSSLProtocol(sslproto.SSLProtocol):
-    def __init__(self, *args, on_failure: Callable[[str], None], **kwargs):
-        super().__init__(*args, **kwargs)
-        self._on_failure = on_failure
+class ConnectionGate:
+    """Open client connections, at most `limit`: past it, new connections are closed at once."""
 
-    def _on_handshake_complete(self, handshake_exc):
-        if handshake_exc is None:
-            try:
-                self._sslobj.getpeercert()
-            except Exception as exc:  # what the base class would turn into a failure
-                handshake_exc = exc
-        if handshake_exc is not None:
-            self._on_failure(handshake_failure_reason(handshake_exc))
-        return super()._on_handshake_complete(handshake_exc)
+    def __init__(self, limit: int, on_count: Callable[[int], None] = lambda n: None,
+                 on_refused: Callable[[], None] = lambda: None):
+        self.limit, self.open = limit, 0
+        self.on_count, self.on_refused = on_count, on_refused
 
-    def _check_handshake_timeout(self):
-        if self._state == sslproto.SSLProtocolState.DO_HANDSHAKE:
-            self._on_failure("timeout")
-        return super()._check_handshake_timeout()
+    def admit(self) -> bool:
+        if self.open >= self.limit:
+            self.on_refused()
+            return False
+        self.open += 1
+        self.on_count(self.open)
+        return True
 
-
-class _ProblemRequestHandler(RequestHandler):
-    """aiohttp's request handler, answering requests its parser refused through the gateway's hook.
-
-    Without this, a request aiohttp cannot parse gets a text/plain 400 that is neither
-    problem+json nor audited. The hook (set on the web.Server) builds both.
-    """
-
-    __slots__ = ()
-
-    def handle_error(self, request, status=500, exc=None, message=None):
-        hook = getattr(self._manager, "on_http_error", None)
-        if hook is None or request.writer.output_size > 0:
-            return super().handle_error(request, status, exc, message)
-        self.log_debug("refused a malformed request: %s", message)
-        response = hook(request, status, message or "")
-        response.force_close()
-        return response
+    def release(self) -> None:
+        self.open -= 1
+        self.on_count(self.open)
 
 
 class TLSSite(web.BaseSite):
-    """Like web.TCPSite, with TLS done by _CountingSSLProtocol and a bounded handshake."""
+    """Like web.TCPSite, with TLS done by GatedSSLProtocol and a bounded handshake."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, contexts: ContextHolder,
-                 handshake_timeout: float, on_failure: Callable[[str], None], reuse_port: bool = False):
+                 handshake_timeout: float, on_failure: Callable[[str], None], gate: ConnectionGate,
+                 reuse_port: bool = False):
         super().__init__(runner)
         self._host, self._port, self._reuse_port = host, port, reuse_port
-        self._contexts, self._timeout, self._on_failure = contexts, handshake_timeout, on_failure
+        self._contexts, self._timeout, self._on_failure, self._gate = contexts, handshake_timeout, on_failure, gate
 
     @property
     def name(self) -> str:
         return f"https://{self._host}:{self._port}"
 
-
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
 
+        def failed(exc: BaseException) -> None:
+            self._on_failure(handshake_failure_reason(exc))
+
         def factory():
-            handler = self._runner.server()
-            handler.__class__ = _ProblemRequestHandler  # same layout: only handle_error differs
-            return _CountingSSLProtocol(
-                loop, handler, self._contexts.context, None, server_side=True,
-                ssl_handshake_timeout=self._timeout, on_failure=self._on_failure,
+            return GatedSSLProtocol(
+                loop, problem_request_handler(self._runner.server), self._contexts.context, None,
+                server_side=True, ssl_handshake_timeout=self._timeout,
+                on_failure=failed, admit=self._gate.admit, release=self._gate.release,
             )
 
         self._server = await loop.create_server(

@@ -27,7 +27,7 @@ def load_or_create_key(path: Path):
     """The private signing key at `path`, created (EC P-256, mode 0600) when missing."""
     if not path.exists():
         key = ec.generate_private_key(ec.SECP256R1())
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,

@@ -422,3 +422,115 @@ async def test_not_yours_and_absent_orders_take_the_same_time(door, recorder):
     mine, absent = await door.run(measure)
     assert max(mine, absent) / min(mine, absent) < 1.5, f"not yours {mine * 1e3:.3f} ms, absent {absent * 1e3:.3f} ms"
     assert recorder.forwarded() == []
+
+
+# -- a request admitted at its head is checked again before it goes upstream ------------------
+
+ANON_BODY = b'{"externalId":"EXTERNAL:198603052385"}'
+
+
+def anonymize_head(length: int, expect: bool) -> bytes:
+    return (f"POST /anonymize HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n{'Expect: 100-continue' + chr(13) + chr(10) if expect else ''}\r\n").encode()
+
+
+async def test_credentials_that_lapse_while_the_body_comes_stop_the_request(door, recorder):
+    hr = short_lived_hr(door)
+
+    def expired_mid_body():
+        with door.connect(hr) as conn:
+            conn.send(anonymize_head(len(ANON_BODY), expect=True))
+            assert conn.response().status == 100
+            door.clock.advance(2 * HOUR)  # the certificate runs out while the client uploads
+            conn.send(ANON_BODY)
+            body = assert_problem(conn.response(), 403)
+            assert "expired" in body["detail"] and conn.closed_by_server()
+
+    await door.run(expired_mid_body)
+    assert recorder.seen == []
+
+
+def short_lived_hr(door: Door) -> tuple[Path, Path]:
+    """An hr-system certificate (matched by subject) valid for one more hour."""
+    ca = pki.load_ca(door.pki.dir)
+    cert, key = pki.make_client_cert(*ca, "hr-system", not_before=NOW - DAY,
+                                     not_after=dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1))
+    (door.pki.dir / "short").mkdir(exist_ok=True)
+    pki.write_pem(door.pki.dir / "short" / "hr.crt", cert)
+    pki.write_pem(door.pki.dir / "short" / "hr.key", key)
+    return door.pki.dir / "short" / "hr.crt", door.pki.dir / "short" / "hr.key"
+
+
+async def test_a_revocation_while_the_body_comes_stops_the_request(door, recorder):
+    conn = await door.run(lambda: door.connect("hr-system"))
+    await door.run(conn.send, anonymize_head(len(ANON_BODY), expect=True))
+    assert (await door.run(conn.response)).status == 100  # admitted: the gateway reads the body now
+    await door.run(conn.send, ANON_BODY[:5])
+    pki.revoke(door.pki.dir, "hr-system")
+    assert server.reload(door.running)
+    await door.run(conn.send, ANON_BODY[5:])
+    body = assert_problem(await door.run(conn.response), 403)
+    assert "revoked" in body["detail"]
+    assert recorder.seen == []
+
+
+async def test_the_order_look_up_carries_no_client_conditionals(door, recorder):
+    def send():
+        with door.connect("hr-system") as conn:
+            for order in (ORDER_CRM, ABSENT):
+                resp = conn.request(get(f"/orders/{order}/state", extra="If-None-Match: *\r\n"
+                                        "If-Modified-Since: Sat, 01 Jan 2000 00:00:00 GMT\r\nIf-Match: x\r\n"))
+                assert_problem(resp, 404)
+
+    await door.run(send)
+    assert len(recorder.seen) == 2  # the two look-ups
+    for seen in recorder.seen:
+        assert not [k for k, _ in seen.headers if k.lower().startswith("if-")], seen.headers
+
+
+async def test_a_client_that_leaves_mid_body_is_audited_not_an_error(door, recorder):
+    def send():
+        with door.connect("hr-system") as conn:
+            conn.send(anonymize_head(100, expect=False) + b'{"externalId"')
+
+    await door.run(send)
+    for _ in range(250):
+        gone = [json.loads(line) for line in door.audit.read_bytes().splitlines()] if door.audit.exists() else []
+        if gone:
+            break
+        await asyncio.sleep(0.02)
+    assert [(r["status"], r["complete"]) for r in gone] == [(499, False)]
+    assert await metric(door.admin, "gateway_denied_total", client="hr-system", reason="internal") == 0
+    assert recorder.seen == []
+
+
+async def test_a_malformed_chunk_after_the_head_is_400_at_once(door, recorder):
+    def send():
+        with door.connect("hr-system") as conn:
+            conn.send(b"POST /anonymize HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                      b"Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n")
+            assert conn.response().status == 100  # the head is taken: what follows is inside the body
+            started = time.monotonic()
+            conn.send(b"5\r\n{\"ext\r\nzz\r\n")
+            assert_problem(conn.response(), 400)
+            return time.monotonic() - started
+
+    assert await door.run(send) < 2.0
+    assert recorder.seen == []
+
+
+@pytest.mark.parametrize("line", [f"GET {STATE} HTTP/2.0", f"GET {STATE} HTTP/1.9"])
+async def test_only_http_1_is_served(door, recorder, line):
+    resp = await door.run(lambda: door.connect("crm").request(f"{line}\r\nHost: x\r\n\r\n".encode()))
+    assert resp is not None and resp.status in (400, 505)
+    assert recorder.seen == []
+
+
+async def test_no_100_continue_for_a_body_type_that_will_be_refused(door, recorder):
+    def send():
+        with door.connect("hr-system") as conn:
+            conn.send(post_head("/anonymize", ["100-continue"], 10, content_type="text/plain"))
+            assert_problem(conn.response(), 415)
+
+    await door.run(send)
+    assert recorder.seen == []

@@ -127,8 +127,9 @@ async def test_embedded_data_is_private_and_no_answer_names_versions(served, tes
     assert code == 0 and "< HTTP/1.1 200" in err, err
     data = config.reference_api.data_dir
     assert stat.S_IMODE(data.stat().st_mode) == 0o700
-    own = [p for p in data.iterdir() if p.name.startswith(("reference.sqlite3", "signing."))]
-    assert {p.name for p in own} >= {"reference.sqlite3", "reference.sqlite3-wal", "signing.key", "signing.crt"}
+    own = list(data.iterdir())  # the reference API's, and the gateway's audit log and keys beside them
+    assert {p.name for p in own} >= {"reference.sqlite3", "reference.sqlite3-wal", "signing.key", "signing.crt",
+                                     "audit.jsonl", "token.key"}
     assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in own} == {p.name: oct(0o600) for p in own}
 
     # No answer names its software: the front door (forwarded and refused), and the reference API itself.
