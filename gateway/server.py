@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import resource
 import signal
 import ssl
 import time
@@ -138,7 +139,9 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         upstream_url = reference.url
     limiter = limiter_storage(config)
     audit = audit_writer(config, metrics, worker)
-    gateway = build_gateway(config, Upstream(upstream_url, config.upstream.timeout_s), metrics, audit, limiter)
+    gateway = build_gateway(config, Upstream(upstream_url, config.upstream.timeout_s,
+                                                 keepalive_s=config.upstream.keepalive_s,
+                                                 max_connections=config.upstream.max_connections), metrics, audit, limiter)
     gateway.trust, gateway.tls_context, gateway.clock = trust, ctx, clock
     if reference is not None and worker is None:
         try:
@@ -253,7 +256,20 @@ async def stop(running: Running, quiet: bool = False) -> None:
         event("stop")
 
 
+def raise_open_files_limit(config: Config) -> None:
+    """Room for limits.max_connections client and upstream.max_connections upstream sockets, and files."""
+    wanted = config.limits.max_connections + config.upstream.max_connections + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        event("open_files_limit", limit=target, wanted=wanted,
+              detail="the hard limit on open files is below limits.max_connections: raise it (ulimit -Hn)")
+
+
 async def _main(config: Config, reuse_port: bool = False, worker: int | None = None) -> None:
+    raise_open_files_limit(config)
     running = await start(config, reuse_port, worker)
     done = asyncio.Event()
     loop = asyncio.get_running_loop()

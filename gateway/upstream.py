@@ -29,10 +29,10 @@ class UpstreamTimeout(Exception):
 
 class Upstream:
     def __init__(self, base_url: str, timeout_s: float, solicitor_ttl_s: float = 5.0,
-                 ssl_context: ssl.SSLContext | None = None):
+                 ssl_context: ssl.SSLContext | None = None, keepalive_s: float = 10.0, max_connections: int = 100):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self.pool = Pool(self.base_url, ssl_context)
+        self.pool = Pool(self.base_url, ssl_context, keepalive_s=keepalive_s, max_connections=max_connections)
         self.solicitors: TTLCache[dict | None] = TTLCache(solicitor_ttl_s, 10000)
 
     async def close(self) -> None:

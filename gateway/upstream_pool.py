@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ssl
+import time
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -40,6 +41,7 @@ class _Connection(BaseProtocol):
         self.answer: asyncio.Future | None = None
         self.payload = None
         self.dead = False
+        self.counted = True   # holds one of the pool's slots until discarded
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -117,7 +119,17 @@ class Response:
 
 
 class Pool:
-    def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None = None):
+    """Keep-alive connections to one upstream: at most `max_connections` open, none reused after `keepalive_s` idle.
+
+    A server closes idle keep-alive connections after a timeout of its own (nginx: 75 s,
+    many: 5 to 15 s). If it does so just as a request is sent on that connection, a POST
+    cannot be retried safely and becomes a 502; keeping `keepalive_s` below the upstream's
+    timeout means an idle connection is dropped here before the upstream drops it.
+    Connections the upstream has already closed are never reused.
+    """
+
+    def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None = None, keepalive_s: float = 10.0,
+                 max_connections: int = 100, clock=time.monotonic):
         parts = urlsplit(base_url)
         self.scheme = parts.scheme
         self.host = parts.hostname or "127.0.0.1"
@@ -127,26 +139,79 @@ class Pool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
         self.ssl = (ssl_context or ssl.create_default_context()) if self.scheme == "https" else None
-        self._idle: collections.deque[_Connection] = collections.deque()
+        self.keepalive_s, self.max_connections, self.clock = keepalive_s, max_connections, clock
+        self.open = 0                                   # connections open or being opened
+        self._idle: collections.deque[tuple[float, _Connection]] = collections.deque()  # (idle since, conn)
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port, ssl=self.ssl)
         return conn
 
+    def _usable(self, since: float, conn: _Connection, now: float) -> bool:
+        return (not conn.dead and conn.transport is not None and not conn.transport.is_closing()
+                and now - since < self.keepalive_s)
+
     def _take_idle(self) -> _Connection | None:
+        now = self.clock()
         while self._idle:
-            conn = self._idle.pop()
-            if not conn.dead and conn.transport is not None and not conn.transport.is_closing():
+            since, conn = self._idle.pop()  # the most recently used first
+            if self._usable(since, conn, now):
                 return conn
+            self._discard(conn)
         return None
+
+    def _sweep(self) -> None:
+        """Close idle connections past keepalive_s or closed by the upstream (the oldest are on the left)."""
+        now = self.clock()
+        while self._idle and not self._usable(*self._idle[0], now):
+            self._discard(self._idle.popleft()[1])
+
+    async def _slot(self) -> _Connection | None:
+        """An idle connection, or None with a slot reserved for a new one; waits while all are in use."""
+        while True:
+            conn = self._take_idle()
+            if conn is not None:
+                return conn
+            if self.open < self.max_connections:
+                self.open += 1
+                return None
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # the turn given to this caller goes to the next one
+                raise
+
+    def _wake(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _discard(self, conn: _Connection | None) -> None:
+        """A connection (or a reserved slot, None) is done with: close it and free its slot."""
+        if conn is not None:
+            if conn.counted is False:
+                return
+            conn.counted = False
+            if conn.transport is not None:
+                conn.transport.close()
+        self.open -= 1
+        self._wake()
 
     def _release(self, conn: _Connection, keep: bool) -> None:
         if keep and not conn.dead and len(self._idle) < MAX_IDLE:
             conn.answer = conn.payload = None
-            self._idle.append(conn)
-        elif conn.transport is not None:
-            conn.transport.close()
+            self._idle.append((self.clock(), conn))
+            self._sweep()
+            self._wake()
+        else:
+            self._discard(conn)
 
     def _head(self, method: str, path: str, headers: dict[str, str]) -> bytes:
         lines = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.host_header}"]
@@ -161,26 +226,29 @@ class Pool:
                       body: AsyncIterator[bytes] | None = None, read_timeout: float | None = None) -> Response:
         """Send one request; a stale idle connection is retried once for GET (nothing was answered).
 
-        `read_timeout` bounds connecting, the wait for the answer after the body is sent, and each
-        read of the answer's body; sending the body is bounded by the caller.
+        `read_timeout` bounds the wait for a free connection and connecting, the wait for the
+        answer after the body is sent, and each read of the answer's body; sending the body is
+        bounded by the caller.
         """
         head = self._head(method, path, headers)
         while True:
-            conn = self._take_idle()
-            reused = conn is not None
-            if conn is None:
-                async with asyncio.timeout(read_timeout):
-                    conn = await self._connect()
+            async with asyncio.timeout(read_timeout):
+                conn = await self._slot()
+                reused = conn is not None
+                if conn is None:
+                    try:
+                        conn = await self._connect()
+                    except BaseException:
+                        self._discard(None)
+                        raise
             try:
                 return await self._exchange(conn, head, body, read_timeout)
             except ConnectionBroken:
-                if conn.transport is not None:
-                    conn.transport.close()
+                self._discard(conn)
                 if not (reused and method == "GET"):
                     raise
             except BaseException:
-                if conn.transport is not None:
-                    conn.transport.close()
+                self._discard(conn)
                 raise
 
     async def _exchange(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes] | None,
@@ -199,6 +267,4 @@ class Pool:
 
     def close(self) -> None:
         while self._idle:
-            conn = self._idle.pop()
-            if conn.transport is not None:
-                conn.transport.close()
+            self._discard(self._idle.pop()[1])
