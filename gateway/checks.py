@@ -8,6 +8,7 @@ would take on a request, from the same core functions the pipeline calls.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from gateway.policy import (
 from gateway.ratelimit import storage_from_url
 from gateway.tls import TLSConfigError, check_crl, crl_is_stale, server_context
 from gateway.token import TokenIssuer, load_or_create_key
+from gateway.x509_rules import broken_rules
 
 EXPIRY_WARNING_DAYS = 14
 
@@ -50,7 +52,9 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
             problems.append(f"{where}: tls.crl: {config.tls.crl} is past its nextUpdate: every client would be refused")
     except TLSConfigError as exc:
         problems.append(f"{where}: {exc}")
-    warnings += _expiry_warnings(config)
+    trust_problems, trust_warnings = _trust(config, time.time())
+    problems += trust_problems
+    warnings += trust_warnings
     if config.identity_token is not None:
         key = config.identity_token.key
         if key is None:
@@ -78,22 +82,82 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-def _expiry_warnings(config: Config) -> list[str]:
+def _read_certs(path: Path | None) -> list[x509.Certificate]:
+    if path is None or not Path(path).is_file():
+        return []
+    try:
+        return x509.load_pem_x509_certificates(Path(path).read_bytes())
+    except ValueError:
+        return []  # server_context has said what is wrong with the file
+
+
+def _read_crls(path: Path | None) -> list[x509.CertificateRevocationList]:
+    if path is None or not Path(path).is_file():
+        return []
+    blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", Path(path).read_bytes(), re.S)
     out = []
-    soon = time.time() + EXPIRY_WARNING_DAYS * 86400
-    for key in ("cert", "client_ca"):
-        path = getattr(config.tls, key)
-        if path is None or not Path(path).is_file():
-            continue
+    for block in blocks:
         try:
-            certs = x509.load_pem_x509_certificates(Path(path).read_bytes())
+            out.append(x509.load_pem_x509_crl(block))
         except ValueError:
-            continue
-        for cert in certs:
-            if cert.not_valid_after_utc.timestamp() < soon:
-                out.append(f"{config.file}: tls.{key}: {cert.subject.rfc4514_string()} expires "
-                           f"{cert.not_valid_after_utc:%Y-%m-%d}")
+            pass  # check_crl has said so
     return out
+
+
+def _issued_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
+
+
+def _trust(config: Config, now: float) -> tuple[list[str], list[str]]:
+    """What would lock clients out: expiry, CRLs that fit no CA, CAs without the CRL they need, strictness."""
+    problems, warnings = [], []
+    where, tls = config.file, config.tls
+    soon = now + EXPIRY_WARNING_DAYS * 86400
+    cas = _read_certs(tls.client_ca)
+    for key, certs in (("cert", _read_certs(tls.cert)), ("client_ca", cas)):
+        for cert in certs:
+            name, end = cert.subject.rfc4514_string(), cert.not_valid_after_utc
+            if end.timestamp() < now:
+                problems.append(f"{where}: tls.{key}: {name} expired on {end:%Y-%m-%d}")
+            elif end.timestamp() < soon:
+                warnings.append(f"{where}: tls.{key}: {name} expires {end:%Y-%m-%d}")
+    if tls.crl is None:
+        crls = []
+    else:
+        crls = _read_crls(tls.crl)
+    for crl in crls:
+        issuer = crl.issuer.rfc4514_string()
+        due = crl.next_update_utc
+        if not any(_issued_by(crl, ca) for ca in cas):
+            problems.append(f"{where}: tls.crl: the CRL of {issuer} was issued by no CA in tls.client_ca "
+                            "(a leftover?): it vouches for no client")
+        elif due is not None and now <= due.timestamp() < soon:
+            warnings.append(f"{where}: tls.crl: the CRL of {issuer} is due for renewal by {due:%Y-%m-%d %H:%M} UTC; "
+                            "past it every client of that CA is refused")
+    if tls.crl is not None and crls:
+        issuers_of_cas = {ca.issuer for ca in cas if ca.issuer != ca.subject}
+        for ca in cas:
+            if any(_issued_by(crl, ca) for crl in crls):
+                continue
+            name = ca.subject.rfc4514_string()
+            if tls.crl_check == "chain":
+                continue  # check_crl has named it already
+            if ca.subject in issuers_of_cas:
+                warnings.append(f"{where}: tls.crl: no CRL of {name}: clients it issues directly would be refused "
+                                "(crl_check: leaf needs the CRL of each client's issuer)")
+            else:
+                problems.append(f"{where}: tls.crl: no CRL of {name}: every client it issued would be refused "
+                                "(crl_check: leaf needs the CRL of each client's issuer)")
+    for ca in cas:
+        broken = broken_rules(ca, trust_anchor=ca.subject == ca.issuer)
+        if not broken:
+            continue
+        line = f"{where}: tls.client_ca: {ca.subject.rfc4514_string()} breaks RFC 5280: {'; '.join(broken)}"
+        if tls.x509_strict:
+            problems.append(line + " (tls.x509_strict refuses its clients)")
+        else:
+            warnings.append(line + " (accepted; tls.x509_strict: true would refuse its clients)")
+    return problems, warnings
 
 
 @dataclass(frozen=True)

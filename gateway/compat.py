@@ -71,7 +71,7 @@ class GatedSSLProtocol(sslproto.SSLProtocol):
     # class allocates in __init__, dropped at once in favour of the shared one.
     max_size = 32 * 1024
 
-    def __init__(self, *args, on_failure: Callable[[BaseException], None],
+    def __init__(self, *args, on_failure: Callable[[BaseException, bytes | None], None],
                  admit: Callable[[], bool], release: Callable[[], None], **kwargs):
         super().__init__(*args, **kwargs)
         self._ssl_buffer = self._ssl_buffer_view = None
@@ -103,13 +103,44 @@ class GatedSSLProtocol(sslproto.SSLProtocol):
             except Exception as exc:  # what the base class would turn into a failure
                 handshake_exc = exc
         if handshake_exc is not None:
-            self._on_failure(handshake_exc)
+            self._on_failure(handshake_exc, presented_certificate(self._sslobj))
+            # OpenSSL has written the alert that names the cause (unknown_ca, certificate_expired,
+            # ...) into the outgoing buffer, which asyncio drops when it closes (cpython #98078):
+            # send it first, so that the client can say why instead of "connection reset".
+            try:
+                alert = self._outgoing.read()
+                if alert and self._transport is not None:
+                    self._transport.write(alert)
+            except Exception:  # the connection may already be gone: nothing to tell
+                pass
         return super()._on_handshake_complete(handshake_exc)
 
     def _check_handshake_timeout(self):
         if self._state == sslproto.SSLProtocolState.DO_HANDSHAKE:
-            self._on_failure(TimeoutError("the TLS handshake took too long"))
+            self._on_failure(TimeoutError("the TLS handshake took too long"), None)
         return super()._check_handshake_timeout()
+
+
+def presented_certificate(ssl_object) -> bytes | None:
+    """The certificate a client presented in a handshake that failed (DER), where OpenSSL kept it.
+
+    On a failed verification OpenSSL keeps the chain it was building (leaf first) as the
+    "verified" chain and no peer chain, so both are asked, public names first (Python 3.13).
+    """
+    for name in ("get_unverified_chain", "get_verified_chain"):
+        try:
+            getter = getattr(ssl_object, name, None)
+            if getter is not None:
+                chain = getter()
+                if chain:
+                    return bytes(chain[0])
+                continue
+            chain = getattr(ssl_object._sslobj, name)()
+            if chain:
+                return chain[0].public_bytes(ssl._ssl.ENCODING_DER)
+        except Exception:  # nothing presented, or nothing kept
+            continue
+    return None
 
 
 # -- aiohttp's request handler -------------------------------------------------------------------

@@ -48,6 +48,12 @@ class TLS:
     crl: Path | None = None
     crl_check: str = "leaf"
     min_version: str = "TLSv1.2"
+    x509_strict: bool = False          # true: also refuse certificates that break RFC 5280's encoding rules
+
+
+@dataclass(frozen=True)
+class Reload:
+    watch_s: float = 5.0               # re-check TLS and policy files every N s, reload on change (0: SIGHUP only)
 
 
 @dataclass(frozen=True)
@@ -107,6 +113,7 @@ class Config:
     listen: Listen = field(default_factory=Listen)
     admin: Admin = field(default_factory=Admin)
     tls: TLS = field(default_factory=TLS)
+    reload: Reload = field(default_factory=Reload)
     policies: Path = Path("policies")
     upstream: Upstream = field(default_factory=Upstream)
     identity_token: IdentityToken | None = None
@@ -116,6 +123,7 @@ class Config:
     limits: Limits = field(default_factory=Limits)
 
 
+_ZERO_ALLOWED = {"reload.watch_s"}
 _CHOICES = {
     "tls.crl_check": ("leaf", "chain"),
     "tls.min_version": ("TLSv1.2", "TLSv1.3"),
@@ -153,6 +161,10 @@ def _convert(value: Any, tp: Any, where: str, file: Path, base: Path) -> Any:
             raise ConfigError(file, where, "must be a non-negative integer")
         return value
     if tp is float:
+        if where in _ZERO_ALLOWED:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ConfigError(file, where, "must be a number, 0 or more")
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ConfigError(file, where, "must be a positive number")
         return float(value)

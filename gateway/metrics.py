@@ -9,6 +9,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from gateway.operations import Operation
+from gateway.reasons import POLICY_REASONS, Reason
+
+# The fixed reason labels of refused handshakes (CONTRACT section 6).
+HANDSHAKE_REASONS = ("no_certificate", "unknown_ca", "expired", "not_yet_valid", "revoked", "crl_missing",
+                     "crl_expired", "bad_purpose", "nonconforming", "bad_signature", "protocol", "timeout", "other")
+
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -48,6 +55,24 @@ class Metrics:
                                            "limits.max_connections were open)", ["reason"], registry=r)
         self.connections_refused.labels("limit")
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r)
+
+    def init_clients(self, clients: list[str]) -> None:
+        """Create every series whose labels are known up front, so that each exists from the first scrape."""
+        operations = [op.value for op in Operation] + ["none"]
+        for op in operations:
+            self.duration.labels(op)
+            self.upstream_duration.labels(op)
+        for client in [*clients, "unknown"]:
+            for reason in Reason:
+                self.denied.labels(client, reason.value)
+            for reason in POLICY_REASONS:
+                self.would_deny.labels(client, reason.value)
+            for op in operations:
+                self.rate_limited.labels(client, op)
+        for reason in HANDSHAKE_REASONS:
+            self.handshake_failures.labels(reason)
+        for result in ("ok", "error"):
+            self.config_reloads.labels(result)
 
     def set_expiry(self, times: dict[str, float]) -> None:
         self.certificate_expiry.clear()

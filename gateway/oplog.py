@@ -21,16 +21,19 @@ def event(kind: str, **fields) -> None:
 
 
 class Summary:
-    """Counts of one kind of event by reason, flushed as one line a minute."""
+    """Events of one kind: a detailed line for each new (reason, key) of the minute, up to
+    MAX_DETAILED of them, the rest counted by reason and logged as one line a minute."""
+
+    MAX_DETAILED = 20
 
     def __init__(self, kind: str):
         self.kind = kind
         self.counts: collections.Counter[str] = collections.Counter()
-        self.seen: set[str] = set()
+        self.seen: set[tuple[str, str | None]] = set()
 
-    def add(self, reason: str, **fields) -> None:
-        if reason not in self.seen:
-            self.seen.add(reason)
+    def add(self, reason: str, key: str | None = None, **fields) -> None:
+        if (reason, key) not in self.seen and len(self.seen) < self.MAX_DETAILED:
+            self.seen.add((reason, key))
             event(self.kind, reason=reason, first=True, **fields)
         else:
             self.counts[reason] += 1
@@ -39,3 +42,4 @@ class Summary:
         if self.counts:
             event(self.kind + "_summary", interval_s=SUMMARY_INTERVAL_S, counts=dict(self.counts))
             self.counts.clear()
+        self.seen.clear()

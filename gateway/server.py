@@ -23,7 +23,8 @@ from aiohttp import web
 
 from gateway import compat  # noqa: F401  (no software versions in any answer)
 from gateway.admin import admin_app, readiness
-from gateway.config import Config, parse_host_port
+from gateway.config import Config, ConfigError, load_config, parse_host_port
+from gateway.reloading import fingerprint, merge
 from gateway.policy import PolicyError, load_policies
 from gateway.proxy import Gateway, Pipeline
 from gateway.oplog import SUMMARY_INTERVAL_S, Summary, event
@@ -118,6 +119,7 @@ class Running:
     reference: EmbeddedReference | None
     handshakes: Summary
     tasks: list[asyncio.Task]
+    watched: str = ""             # the fingerprint of the watched files at the last (re)load
 
     @property
     def gateway(self) -> Gateway:
@@ -143,6 +145,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
                                                  keepalive_s=config.upstream.keepalive_s,
                                                  max_connections=config.upstream.max_connections), metrics, audit, limiter)
     gateway.trust, gateway.tls_context, gateway.clock = trust, ctx, clock
+    metrics.init_clients([p.client for p in gateway.policies.policies])
     if reference is not None and worker is None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, reference.start)
@@ -160,9 +163,9 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     runner.server.on_http_error = pipeline.http_error
     handshakes = Summary("handshake_failure")
 
-    def on_failure(reason: str) -> None:
+    def on_failure(reason: str, details: dict) -> None:
         metrics.handshake_failures.labels(reason).inc()
-        handshakes.add(reason)
+        handshakes.add(reason, key=details.get("subject"), **details)
 
     gate = ConnectionGate(config.limits.max_connections, on_count=metrics.connections_open.set,
                           on_refused=metrics.connections_refused.labels("limit").inc)
@@ -180,6 +183,8 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         raise StartError(f"cannot listen: {exc.strerror or exc}") from None
     running.tasks.append(asyncio.create_task(_summaries(running), name="summaries"))
     running.tasks.append(asyncio.create_task(_readiness(running), name="readiness"))
+    running.watched = fingerprint(config)
+    running.tasks.append(asyncio.create_task(_watch(running), name="watch-files"))
     if reference is not None:
         running.tasks.append(asyncio.create_task(_supervise(reference), name="supervise-upstream"))
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
@@ -218,23 +223,46 @@ async def _readiness(running: Running) -> None:
 
 
 def reload(running: Running) -> bool:
-    """SIGHUP: build the new TLS context and policy set aside, check them, then swap them in at once."""
-    config, gw = running.config, running.gateway
+    """SIGHUP (or a watched file changed): re-read config.yaml, build the new TLS context and policy
+    set aside, check them, then swap them in at once. Keys that need a restart are logged, not applied."""
+    gw = running.gateway
     try:
+        config, applied, restart = merge(running.config, load_config(running.config.file))
         ctx, crl, trust = load_tls(config)
         policies = load_policies(config.policies)
-    except (StartError, PolicyError) as exc:
+    except (StartError, PolicyError, ConfigError) as exc:
         gw.metrics.config_reloads.labels("error").inc()
         event("reload", result="error", error=str(exc), detail="the running configuration is kept")
         return False
+    running.config = config
     running.contexts.context = ctx  # new handshakes only; open connections keep theirs
-    running.pipeline.gateway = dataclasses.replace(gw, policies=policies, trust=trust, tls_context=ctx)
+    running.pipeline.gateway = dataclasses.replace(gw, config=config, policies=policies, trust=trust,
+                                                   tls_context=ctx)
     gw.metrics.set_expiry(expiry(config.tls).times)
+    gw.metrics.init_clients([p.client for p in policies.policies])
     gw.metrics.config_reloads.labels("ok").inc()
     event("reload", result="ok", clients=[p.client for p in policies.policies],
-          revoked=len(crl.revoked) if crl else 0)
+          revoked=len(crl.revoked) if crl else 0, **({"applied": applied} if applied else {}))
+    if restart:
+        event("reload_needs_restart", keys=restart,
+              detail="these keys changed in the config file but take effect only when the gateway restarts")
     note_crl(crl)
+    running.watched = fingerprint(config)
     return True
+
+
+async def _watch(running: Running) -> None:
+    """reload.watch_s: reload, as SIGHUP does, when a watched file's bytes change."""
+    while True:
+        every = running.config.reload.watch_s
+        await asyncio.sleep(every or 1.0)
+        if not every:
+            continue
+        now = await asyncio.get_running_loop().run_in_executor(None, fingerprint, running.config)
+        if now != running.watched:
+            running.watched = now  # a failed reload is not retried until the files change again
+            event("reload_triggered", by="file change")
+            reload(running)
 
 
 async def stop(running: Running, quiet: bool = False) -> None:

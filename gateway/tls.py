@@ -123,7 +123,8 @@ def server_context(tls: TLS) -> ssl.SSLContext:
         except (ssl.SSLError, OSError):
             raise TLSConfigError(f"tls.crl: {crl} is not a PEM CRL") from None
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN if tls.crl_check == "chain" else ssl.VERIFY_CRL_CHECK_LEAF
-    ctx.verify_flags |= ssl.VERIFY_X509_STRICT
+    if tls.x509_strict:  # off by default, as in nginx, Envoy and HAProxy: see x509_rules.py
+        ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
 
 

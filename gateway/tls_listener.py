@@ -13,15 +13,22 @@ import ssl
 from typing import Callable
 
 from aiohttp import web
+from cryptography import x509
 
 from gateway.compat import GatedSSLProtocol, problem_request_handler
 
-# OpenSSL X509_V_ERR_* codes
+# OpenSSL's X509_V_ERR_* codes -> the reason labels of metrics.HANDSHAKE_REASONS
 _VERIFY_REASONS = {
-    9: "not_yet_valid", 10: "expired", 23: "revoked", 26: "bad_purpose",
-    2: "unknown_ca", 18: "unknown_ca", 19: "unknown_ca", 20: "unknown_ca", 21: "unknown_ca",
-    3: "crl", 11: "crl", 12: "crl_expired", 15: "crl", 16: "crl",
+    **dict.fromkeys((2, 18, 19, 20, 21, 27, 28, 29, 30, 31, 79), "unknown_ca"),
+    10: "expired", 9: "not_yet_valid", 23: "revoked",
+    **dict.fromkeys((3, 11, 15, 16, 33, 36, 44, 54), "crl_missing"),   # no usable CRL for the certificate
+    12: "crl_expired",
+    **dict.fromkeys((26, 39), "bad_purpose"),
+    **dict.fromkeys(range(80, 95), "nonconforming"),                     # tls.x509_strict's rules
+    **dict.fromkeys((4, 5, 6, 7, 8, 24, 66, 67, 68, 76, 77, 78), "bad_signature"),
 }
+_PROTOCOL_WORDS = ("VERSION", "PROTOCOL", "HTTP_REQUEST", "RECORD", "CIPHER", "ALERT", "UNEXPECTED_MESSAGE",
+                   "BAD_KEY_SHARE", "NO_SHARED", "DECRYPTION_FAILED", "BAD_RECORD_MAC", "LENGTH")
 
 
 def handshake_failure_reason(exc: BaseException | None) -> str:
@@ -32,12 +39,28 @@ def handshake_failure_reason(exc: BaseException | None) -> str:
         reason = (exc.reason or "").upper()
         if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason or "CERTIFICATE_REQUIRED" in reason:
             return "no_certificate"
-        if "VERSION" in reason or "PROTOCOL" in reason:
-            return "protocol_version"
+        if any(word in reason for word in _PROTOCOL_WORDS):
+            return "protocol"
         return "other"
     if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
         return "timeout"
+    if isinstance(exc, ConnectionError) or exc is ConnectionResetError:
+        return "protocol"  # the client hung up mid-handshake
     return "other"
+
+
+def failure_details(exc: BaseException, presented: bytes | None) -> dict:
+    """What the operational log says of a refused handshake: OpenSSL's message, the certificate shown."""
+    details = {"verify_message": getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
+               or type(exc).__name__}
+    if presented:
+        try:
+            cert = x509.load_der_x509_certificate(presented)
+            details.update(subject=cert.subject.rfc4514_string(), issuer=cert.issuer.rfc4514_string(),
+                           serial=format(cert.serial_number, "x"))
+        except ValueError:
+            details["certificate"] = "unparsable"
+    return details
 
 
 class ContextHolder:
@@ -72,7 +95,7 @@ class TLSSite(web.BaseSite):
     """Like web.TCPSite, with TLS done by GatedSSLProtocol and a bounded handshake."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, contexts: ContextHolder,
-                 handshake_timeout: float, on_failure: Callable[[str], None], gate: ConnectionGate,
+                 handshake_timeout: float, on_failure: Callable[[str, dict], None], gate: ConnectionGate,
                  reuse_port: bool = False):
         super().__init__(runner)
         self._host, self._port, self._reuse_port = host, port, reuse_port
@@ -86,8 +109,8 @@ class TLSSite(web.BaseSite):
         await super().start()
         loop = asyncio.get_running_loop()
 
-        def failed(exc: BaseException) -> None:
-            self._on_failure(handshake_failure_reason(exc))
+        def failed(exc: BaseException, presented: bytes | None) -> None:
+            self._on_failure(handshake_failure_reason(exc), failure_details(exc, presented))
 
         def factory():
             return GatedSSLProtocol(

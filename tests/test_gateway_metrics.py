@@ -155,3 +155,31 @@ async def test_readiness_names_a_dead_upstream(tmp_path, test_pki):
             async with s.get(f"http://127.0.0.1:{admin.port}/readyz") as resp:
                 body = await resp.json()
                 assert resp.status == 503 and "upstream" in body["problems"]
+
+
+async def test_every_known_series_exists_from_the_first_scrape(running):
+    """Before any request: series for every operation, client and fixed reason, at zero."""
+    from gateway.metrics import HANDSHAKE_REASONS
+    from gateway.operations import Operation
+    from gateway.reasons import Reason
+
+    _, admin = running
+    families = await scrape(admin)
+
+    def present(family: str, name: str, **labels) -> bool:
+        return any(s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+                   for s in families[family])
+
+    for op in [o.value for o in Operation] + ["none"]:
+        assert present("gateway_upstream_duration_seconds", "gateway_upstream_duration_seconds_count", operation=op)
+        assert present("gateway_request_duration_seconds", "gateway_request_duration_seconds_count", operation=op)
+        for client in ("crm", "hr-system", "unknown"):
+            assert present("gateway_rate_limited", "gateway_rate_limited_total", client=client, operation=op)
+    for reason in Reason:
+        assert present("gateway_denied", "gateway_denied_total", client="lawyer", reason=reason.value)
+    for reason in HANDSHAKE_REASONS:
+        assert present("gateway_tls_handshake_failures", "gateway_tls_handshake_failures_total", reason=reason)
+    for result in ("ok", "error"):
+        assert present("gateway_config_reloads", "gateway_config_reloads_total", result=result)
+    assert present("gateway_connections_refused", "gateway_connections_refused_total", reason="limit")
+    assert value(families, "gateway_denied_total", client="crm", reason="operation_not_allowed") == 0
