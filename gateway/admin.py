@@ -1,4 +1,9 @@
-"""The admin port: /healthz, /readyz and /metrics, plain HTTP on a private address."""
+"""The admin port: /healthz, /readyz and /metrics, plain HTTP on a private address.
+
+One process: the gateway's own registry and readiness. With --workers N the
+parent serves it (parent_admin_app): the workers' metrics added up through
+prometheus_client's multiprocess folder, and ready only when every worker is.
+"""
 
 from __future__ import annotations
 
@@ -53,4 +58,27 @@ def admin_app(pipeline) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    return app
+
+
+def parent_admin_app(workers_problems) -> web.Application:
+    """The admin port of `serve --workers N`: `workers_problems()` names what keeps a worker from ready."""
+    from prometheus_client import CollectorRegistry, generate_latest, multiprocess
+
+    async def readyz_all(request: web.Request) -> web.Response:
+        problems = workers_problems()
+        body = {"ready": not problems, "problems": problems}
+        return web.Response(status=503 if problems else 200, text=json.dumps(body), content_type="application/json")
+
+    async def metrics_all(request: web.Request) -> web.Response:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        resp = web.Response(body=generate_latest(registry))
+        resp.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return resp
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz_all)
+    app.router.add_get("/metrics", metrics_all)
     return app

@@ -112,6 +112,30 @@ def _audit_verify(args) -> int:
     return 1
 
 
+def _serve_workers(args) -> int:
+    """The parent of `serve --workers N`: its metrics folder is named before prometheus_client loads."""
+    import logging
+
+    from gateway.workers import WorkersError, prepare_multiprocess_metrics
+
+    config = load_config(args.config)
+    try:
+        folder = prepare_multiprocess_metrics()
+    except WorkersError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    from gateway.server import StartError
+    from gateway.workers import run_workers
+
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    try:
+        run_workers(config, args.workers, folder)
+    except StartError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -129,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "certs":
             return pki.cli_main(args)
         if args.command == "serve":
+            if args.workers != 1 and args.worker_index is None:
+                return _serve_workers(args)
             from gateway.server import StartError, serve, serve_worker
 
             try:

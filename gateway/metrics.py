@@ -2,7 +2,10 @@
 
 Label values come only from bounded sets: policy names (or "unknown"), the six
 operations (or "none"), status codes, and fixed reason codes, never from
-anything a client sends.
+anything a client sends. With `serve --workers N` the values go to
+prometheus_client's multiprocess folder (PROMETHEUS_MULTIPROC_DIR, set by the
+parent before this module loads) and the parent's admin port adds them up;
+gauges say how (the sum of open connections, the lowest readiness).
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ class Metrics:
                                           ["reason"], registry=r)
         self.certificate_expiry = Gauge("gateway_certificate_expiry_timestamp_seconds",
                                         "When a certificate, or the CRL's next update, is due (UNIX time)",
-                                        ["certificate"], registry=r)
+                                        ["certificate"], registry=r, multiprocess_mode="livemax")
         self.audit_records = Counter("gateway_audit_records_total", "Audit records written", registry=r)
         self.audit_dropped = Counter("gateway_audit_records_dropped_total",
                                      "Audit records dropped because too many were waiting to be written",
@@ -49,12 +52,13 @@ class Metrics:
                                       ["result"], registry=r)
         self.upstream_restarts = Counter("gateway_upstream_restarts_total",
                                          "Restarts of the embedded reference API after it exited", registry=r)
-        self.connections_open = Gauge("gateway_connections_open", "Open client connections", registry=r)
+        self.connections_open = Gauge("gateway_connections_open", "Open client connections", registry=r,
+                                      multiprocess_mode="livesum")
         self.connections_refused = Counter("gateway_connections_refused_total",
                                            "Client connections closed at once, by reason (limit: "
                                            "limits.max_connections were open)", ["reason"], registry=r)
         self.connections_refused.labels("limit")
-        self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r)
+        self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r, multiprocess_mode="livemin")
 
     def init_clients(self, clients: list[str]) -> None:
         """Create every series whose labels are known up front, so that each exists from the first scrape."""

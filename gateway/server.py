@@ -38,6 +38,7 @@ from gateway.metrics import Metrics
 from gateway.ratelimit import Storage, storage_from_url
 from gateway.token import TokenIssuer, load_or_create_key
 from gateway.upstream import Upstream
+from gateway.workers import READY_EVERY_S, write_readiness
 
 log = logging.getLogger("gateway")
 
@@ -115,11 +116,12 @@ class Running:
     pipeline: Pipeline
     contexts: ContextHolder
     runner: web.BaseRunner
-    admin_runner: web.AppRunner
+    admin_runner: web.AppRunner | None
     reference: EmbeddedReference | None
     handshakes: Summary
     tasks: list[asyncio.Task]
     watched: str = ""             # the fingerprint of the watched files at the last (re)load
+    worker: int | None = None     # the index of a `serve --workers N` worker
 
     @property
     def gateway(self) -> Gateway:
@@ -171,13 +173,15 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
                           on_refused=metrics.connections_refused.labels("limit").inc)
     site = TLSSite(runner, config.listen.host, config.listen.port, contexts, config.limits.header_timeout_s,
                    on_failure, gate, reuse_port=reuse_port)
-    admin_runner = web.AppRunner(admin_app(pipeline), access_log=None, handle_signals=False)
-    await admin_runner.setup()
-    running = Running(config, pipeline, contexts, runner, admin_runner, reference, handshakes, [])
+    admin_runner = None
+    if worker is None:  # workers: the parent serves the admin port for all of them (workers.py)
+        admin_runner = web.AppRunner(admin_app(pipeline), access_log=None, handle_signals=False)
+        await admin_runner.setup()
+    running = Running(config, pipeline, contexts, runner, admin_runner, reference, handshakes, [], worker=worker)
     try:
         await site.start()
-        await web.TCPSite(admin_runner, config.admin.host, config.admin.port + (worker or 0),
-                          reuse_port=None).start()
+        if admin_runner is not None:
+            await web.TCPSite(admin_runner, config.admin.host, config.admin.port, reuse_port=None).start()
     except OSError as exc:
         await stop(running, quiet=True)
         raise StartError(f"cannot listen: {exc.strerror or exc}") from None
@@ -188,7 +192,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     if reference is not None:
         running.tasks.append(asyncio.create_task(_supervise(reference), name="supervise-upstream"))
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
-          admin=f"http://{config.admin.host}:{config.admin.port + (worker or 0)}", upstream=upstream_url,
+          admin=f"http://{config.admin.host}:{config.admin.port}", upstream=upstream_url,
           clients=[p.client for p in gateway.policies.policies], rate_limit=config.rate_limit.storage,
           audit=str(audit.path), **({"worker": worker} if worker is not None else {}))
     return running
@@ -214,12 +218,16 @@ async def _supervise(reference: EmbeddedReference) -> None:
 
 
 async def _readiness(running: Running) -> None:
-    """Keep gateway_ready current even when nobody polls /readyz."""
+    """Keep gateway_ready current even when nobody polls /readyz; a worker tells its parent too."""
     while True:
         gw = running.gateway
         problems = await readiness(gw)
         gw.metrics.ready.set(0 if problems else 1)
-        await asyncio.sleep(READINESS_INTERVAL_S)
+        if running.worker is not None:
+            write_readiness(running.worker, problems)
+            await asyncio.sleep(READY_EVERY_S)
+        else:
+            await asyncio.sleep(READINESS_INTERVAL_S)
 
 
 def reload(running: Running) -> bool:
@@ -271,7 +279,8 @@ async def stop(running: Running, quiet: bool = False) -> None:
         task.cancel()
     gw = running.gateway
     await running.runner.cleanup()
-    await running.admin_runner.cleanup()
+    if running.admin_runner is not None:
+        await running.admin_runner.cleanup()
     await gw.upstream.close()
     if gw.audit is not None:
         await gw.audit.close()
@@ -315,10 +324,7 @@ def serve(config: Config, workers: int = 1) -> None:
     """Run until SIGTERM or SIGINT; raises StartError when the gateway cannot start."""
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     if workers > 1:
-        from gateway.workers import run_workers
-
-        run_workers(config, workers)
-        return
+        raise StartError("internal: serve_workers runs more than one worker")
     asyncio.run(_main(config))
 
 

@@ -1,25 +1,39 @@
-"""`gateway serve --workers N`: N gateway processes sharing the listening port.
+"""`gateway serve --workers N`: N gateway processes sharing the listening port, one admin port.
 
 Each worker binds the port with SO_REUSEPORT, so the kernel spreads new
-connections between them. The parent starts the embedded upstream once,
-passes SIGHUP and SIGTERM on to the workers, restarts a worker that dies
-(and the embedded upstream, see embedded.py),
-and exits when they have all stopped. Worker i has the admin port
-admin.port + i and writes its own audit chain (audit.path + ".w<i>"). In-memory
-rate limits would give every worker limits of its own, so with rate limits
-more than one worker needs the Redis storage.
+connections between them. The parent starts (and supervises) the embedded
+upstream once, passes SIGHUP and SIGTERM on to the workers, restarts a worker
+that dies, and exits when they have all stopped.
+
+Monitoring sees one target: the parent serves the admin port. Workers write
+their metrics through prometheus_client's multiprocess mode into a folder of
+the parent's, and `/metrics` adds them up; each worker also writes its
+readiness there, and `/readyz` is 200 only when every worker is ready. Worker
+i writes its own audit chain (audit.path + ".w<i>"). In-memory rate limits
+would give every worker limits of its own, so with rate limits more than one
+worker needs the Redis storage.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from gateway.config import Config
 from gateway.oplog import event
 from gateway.policy import PolicyError, load_policies
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+READY_EVERY_S = 2.0      # how often a worker writes its readiness
+READY_STALE_S = 3 * READY_EVERY_S
 
 
 class WorkersError(Exception):
@@ -42,29 +56,100 @@ def check_workers(config: Config, workers: int) -> None:
             "redis://...; with memory storage each worker would keep limits of its own")
 
 
+def prepare_multiprocess_metrics() -> Path:
+    """A fresh folder for the workers' metrics, named in the environment before prometheus_client loads."""
+    if "prometheus_client" in sys.modules:  # its value class is chosen when it is first imported
+        raise WorkersError("internal: prometheus_client was loaded before its multiprocess folder was set")
+    folder = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
+    os.environ[MULTIPROC_ENV] = str(folder)
+    return folder
+
+
+def ready_file(index: int) -> Path | None:
+    folder = os.environ.get(MULTIPROC_ENV)
+    return Path(folder) / f"ready-w{index}.json" if folder else None
+
+
+def write_readiness(index: int, problems: dict[str, str]) -> None:
+    """A worker's readiness, for the parent's /readyz (written whole: temp file, then rename)."""
+    path = ready_file(index)
+    if path is None:
+        return
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"ts": time.time(), "ready": not problems, "problems": problems}))
+    os.replace(tmp, path)
+
+
+def workers_readiness(indexes: list[int], now: float) -> dict[str, str]:
+    """What keeps the workers from being ready, by worker; empty when all are."""
+    problems = {}
+    for i in indexes:
+        path = ready_file(i)
+        try:
+            state = json.loads(path.read_text()) if path is not None else None
+        except (OSError, ValueError):
+            state = None
+        if state is None:
+            problems[f"worker {i}"] = "has not reported yet"
+        elif now - state.get("ts", 0) > READY_STALE_S:
+            problems[f"worker {i}"] = "has not reported for a while"
+        elif not state.get("ready"):
+            problems[f"worker {i}"] = "; ".join(f"{k}: {v}" for k, v in state.get("problems", {}).items())
+    return problems
+
+
 def _spawn(config: Config, index: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "gateway", "serve", "-c", str(config.file),
                              "--worker-index", str(index)])
 
 
-def run_workers(config: Config, workers: int) -> None:
-    from gateway.embedded import EmbeddedReference, EmbeddedStartError
+def run_workers(config: Config, workers: int, metrics_dir: Path) -> None:
     from gateway.server import StartError
 
     try:
         check_workers(config, workers)
     except WorkersError as exc:
         raise StartError(str(exc)) from None
-    reference = EmbeddedReference(config) if config.upstream.url == "embedded" else None
-    if reference is not None:
+    try:
+        asyncio.run(_parent(config, workers))
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _parent(config: Config, workers: int) -> None:
+    from aiohttp import web
+    from prometheus_client import multiprocess
+
+    from gateway.admin import parent_admin_app
+    from gateway.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
+    from gateway.metrics import Metrics
+    from gateway.server import StartError
+
+    metrics = Metrics()
+    reference = None
+    if config.upstream.url == "embedded":
+        reference = EmbeddedReference(config, on_restart=metrics.upstream_restarts.inc)
         try:
-            reference.start()
+            await asyncio.get_running_loop().run_in_executor(None, reference.start)
         except EmbeddedStartError as exc:
             raise StartError(str(exc)) from None
     procs = {i: _spawn(config, i) for i in range(workers)}
+    admin = web.AppRunner(parent_admin_app(lambda: workers_readiness(sorted(procs), time.time())),
+                          access_log=None, handle_signals=False)
+    await admin.setup()
+    try:
+        await web.TCPSite(admin, config.admin.host, config.admin.port).start()
+    except OSError as exc:
+        for proc in procs.values():
+            proc.terminate()
+        if reference is not None:
+            reference.stop()
+        await admin.cleanup()
+        raise StartError(f"cannot listen on the admin port: {exc.strerror or exc}") from None
     stopping = False
+    loop = asyncio.get_running_loop()
 
-    def forward(sig, _frame):
+    def forward(sig: int) -> None:
         nonlocal stopping
         if sig in (signal.SIGTERM, signal.SIGINT):
             stopping = True
@@ -73,26 +158,28 @@ def run_workers(config: Config, workers: int) -> None:
                 proc.send_signal(signal.SIGTERM if sig == signal.SIGINT else sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    event("workers", count=workers)
+        loop.add_signal_handler(sig, forward, sig)
+    event("workers", count=workers, admin=f"http://{config.admin.host}:{config.admin.port}")
     try:
         while procs:
-            time.sleep(0.1)
+            await asyncio.sleep(TICK_S)
             if reference is not None and not stopping:
                 reference.tick()  # reap and restart the embedded upstream when it exits
             for i, proc in list(procs.items()):
                 code = proc.poll()
                 if code is None:
                     continue
+                multiprocess.mark_process_dead(proc.pid)  # its live gauges no longer count
                 if stopping:
                     del procs[i]
                 elif code == 1:  # could not start (bad config, port): do not loop on it
                     stopping = True
-                    forward(signal.SIGTERM, None)
+                    forward(signal.SIGTERM)
                     del procs[i]
                 else:
                     event("worker_restart", worker=i, exit_code=code)
                     procs[i] = _spawn(config, i)
     finally:
+        await admin.cleanup()
         if reference is not None:
             reference.stop()

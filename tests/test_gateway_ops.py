@@ -230,23 +230,6 @@ def test_workers_with_memory_rate_limits_are_refused(tmp_path, test_pki, run_gat
     assert "redis://" in err and "--workers 2" in err and "Traceback" not in err
 
 
-async def test_two_workers_share_the_port(tmp_path, test_pki, recorder_url, recorder, run_gateway):
-    config_path = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]})
-    config = load_config(config_path)
-    proc = run_gateway("serve", "-c", str(config_path), "--workers", "2")
-    for i in range(2):
-        await in_thread(wait_http, f"http://127.0.0.1:{config.admin.port + i}/healthz", proc)
-    for _ in range(6):
-        assert await in_thread(handshake, test_pki, test_pki.client("crm"), config.listen.port)
-    served = [metric(config.admin.port + i, "gateway_requests_total", client="crm", operation="order_state",
-                     status="200") for i in range(2)]
-    assert sum(served) == 6
-    proc.send_signal(signal.SIGTERM)
-    assert await in_thread(proc.wait, 30) == 0
-    for i in range(2):
-        assert (tmp_path / "data" / f"audit.jsonl.w{i}").exists()
-
-
 async def test_operational_log_lines(tmp_path, test_pki, recorder_url, capsys):
     from gateway.server import reload
 
