@@ -1,9 +1,11 @@
 # The gateway as a container: `gateway serve` as a non-root user.
 #   docker build -t gateway .
-#   docker run -p 8443:8443 -v $PWD/certs.example:/etc/gateway/certs:ro gateway
-# Mount your own certificates over /etc/gateway/certs, policies over /etc/gateway/policies,
-# and a volume on /var/lib/gateway for the audit log and data.
-FROM python:3.11-slim
+#   docker run -p 8443:8443 -v $PWD/certs.example:/etc/gateway/certs:ro \
+#     -v $PWD/policies:/etc/gateway/policies:ro gateway
+# Mount your certificates over /etc/gateway/certs and your policies over /etc/gateway/policies
+# (none are baked in: without policies every request is refused), and a volume on
+# /var/lib/gateway for the audit log and data.
+FROM python:3.11.7-slim-bookworm
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway
 WORKDIR /opt/gateway
@@ -14,13 +16,13 @@ RUN pip install --no-cache-dir . && rm -rf /root/.cache
 WORKDIR /etc/gateway
 COPY deploy/container-config.yaml ./config.yaml
 COPY directory.yaml ./
-COPY policies ./policies
-RUN mkdir -p /etc/gateway/certs /var/lib/gateway && chown -R gateway /var/lib/gateway
+RUN mkdir -p /etc/gateway/certs /etc/gateway/policies /var/lib/gateway \
+  && chown -R gateway /var/lib/gateway && chmod 0700 /var/lib/gateway
 
 USER gateway
 VOLUME ["/var/lib/gateway"]
 EXPOSE 8443 9102
 HEALTHCHECK --interval=15s --timeout=3s --retries=3 \
-  CMD python -c "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9102/healthz', timeout=2).status == 200 else 1)"
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9102/healthz', timeout=2).status == 200 else 1)"]
 ENTRYPOINT ["gateway"]
 CMD ["serve", "-c", "/etc/gateway/config.yaml"]

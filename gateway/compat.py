@@ -13,6 +13,8 @@ from asyncio import sslproto
 from typing import Callable
 
 import aiohttp.web_response
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http_parser import HttpResponseParser
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 # aiohttp adds `Server: Python/3.x aiohttp/3.y` to every answer that has none
@@ -186,3 +188,18 @@ def problem_request_handler(server) -> RequestHandler:
     handler = server()
     handler.__class__ = ProblemRequestHandler  # same slots: only handle_error differs
     return handler
+
+
+# -- aiohttp's client-side protocol pieces, for the upstream pool ----------------------------------
+#
+# upstream_pool.py reads answers with aiohttp's own response parser (llhttp) on a protocol with
+# aiohttp's flow control: BaseProtocol pauses and resumes `_parser` as the transport asks, and
+# `_drain_helper()` waits until the transport can take more.
+
+FlowControlledProtocol = BaseProtocol
+ResponseParser = HttpResponseParser
+
+
+def writable(protocol: BaseProtocol):
+    """An awaitable that returns once the protocol's transport can take more bytes."""
+    return protocol._drain_helper()

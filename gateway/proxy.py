@@ -34,7 +34,7 @@ from gateway.identity import Identity, identity_from_der
 from gateway.multipart import CHUNK, BodyRefused, Spool, anonymize_fields, form_fields, json_value
 from gateway.operations import ORDER_SCOPED, Operation, Route, route
 from gateway.policy import (
-    Decision, Policy, PolicySet, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor, deny,
+    Decision, Policy, PolicySet, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor,
 )
 from gateway.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.oplog import Summary
@@ -516,7 +516,7 @@ class Pipeline:
             ex.upstream_seconds = time.perf_counter() - started
             ex.status = upstream.status
             if rt.operation is Operation.DELETE_ORDER and upstream.status < 300:
-                gw.upstream.solicitors.discard(rt.order_id)
+                gw.upstream.forget_order(rt.order_id)
             created = rt.operation is Operation.CREATE_ORDER and upstream.status < 300
             headers = CIMultiDict(client_response_headers(
                 (k.decode("latin-1"), v.decode("latin-1")) for k, v in upstream.raw_headers
@@ -535,7 +535,7 @@ class Pipeline:
                     raise Refused(502, "the upstream's answer broke off", "upstream_unavailable") from None
                 ex.bytes_out = len(body)
                 if created:  # a look-up of this id may have been cached as absent
-                    gw.upstream.solicitors.discard(body.decode("latin-1").strip().lower())
+                    gw.upstream.forget_order(body.decode("latin-1").strip().lower())
                 return web.Response(status=upstream.status, body=body, headers=headers)
             response = web.StreamResponse(status=upstream.status, headers=headers)
             if length is not None:

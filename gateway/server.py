@@ -23,7 +23,7 @@ from aiohttp import web
 
 from gateway import compat  # noqa: F401  (no software versions in any answer)
 from gateway.admin import admin_app, readiness
-from gateway.config import Config, ConfigError, load_config, parse_host_port
+from gateway.config import Config, ConfigError, load_config
 from gateway.reloading import fingerprint, merge
 from gateway.policy import PolicyError, load_policies
 from gateway.proxy import Gateway, Pipeline

@@ -14,9 +14,12 @@ import ssl
 from typing import AsyncIterator
 
 from aiohttp import ClientPayloadError
+from cachetools import TTLCache
 
-from gateway.cache import TTLCache
 from gateway.upstream_pool import ConnectionBroken, Pool, Response
+
+
+_UNKNOWN = object()
 
 
 class UpstreamUnavailable(Exception):
@@ -33,7 +36,8 @@ class Upstream:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
         self.pool = Pool(self.base_url, ssl_context, keepalive_s=keepalive_s, max_connections=max_connections)
-        self.solicitors: TTLCache[dict | None] = TTLCache(solicitor_ttl_s, 10000)
+        # order id -> solicitor (None: no such order); bounded, so a flood of ids keeps memory flat
+        self.solicitors: TTLCache = TTLCache(maxsize=10000, ttl=solicitor_ttl_s)
 
     async def close(self) -> None:
         self.pool.close()
@@ -56,8 +60,8 @@ class Upstream:
 
     async def order_solicitor(self, order_id: str, headers: dict[str, str]) -> dict | None:
         """The solicitor {source, identifier} of an order as the upstream stores it; None if no such order."""
-        cached = self.solicitors.get(order_id, False)
-        if cached is not False:
+        cached = self.solicitors.get(order_id, _UNKNOWN)
+        if cached is not _UNKNOWN:
             return cached
         resp = await self.send("GET", f"/orders/{order_id}", {**headers, "accept": "application/json"})
         async with resp:
@@ -65,7 +69,7 @@ class Upstream:
                 if resp.status == 404:
                     await resp.read()
                     # Cached like a found order, so that "not yours" and "no such order" take the same time.
-                    self.solicitors.put(order_id, None)
+                    self.solicitors[order_id] = None
                     return None
                 if resp.status != 200:
                     raise UpstreamUnavailable(f"the upstream answered {resp.status} to an order look-up")
@@ -78,8 +82,12 @@ class Upstream:
         if not isinstance(solicitor, dict):
             raise UpstreamUnavailable("the upstream's order has no solicitor")
         found = {"source": solicitor.get("source"), "identifier": solicitor.get("identifier")}
-        self.solicitors.put(order_id, found)
+        self.solicitors[order_id] = found
         return found
+
+    def forget_order(self, order_id: str) -> None:
+        """An order was created or deleted: its cached look-up (found or absent) no longer holds."""
+        self.solicitors.pop(order_id, None)
 
     async def ready(self) -> str | None:
         """None when the upstream answers over HTTP, else why not."""

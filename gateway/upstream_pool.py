@@ -19,8 +19,7 @@ from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 from aiohttp import ClientPayloadError
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http_parser import HttpResponseParser
+from gateway.compat import FlowControlledProtocol, ResponseParser, writable
 
 READ_LIMIT = 2 ** 16
 MAX_IDLE = 256
@@ -30,10 +29,10 @@ class ConnectionBroken(ConnectionError):
     """The connection closed or the answer could not be parsed."""
 
 
-class _Connection(BaseProtocol):
+class _Connection(FlowControlledProtocol):
     def __init__(self, loop: asyncio.AbstractEventLoop):
         super().__init__(loop)
-        self.parser = HttpResponseParser(
+        self.parser = ResponseParser(
             self, loop, READ_LIMIT, timer=None, payload_exception=ClientPayloadError,
             response_with_body=True, read_until_eof=False, auto_decompress=False,
         )
@@ -260,7 +259,7 @@ class Pool:
                 if conn.dead:
                     break
                 conn.transport.write(chunk)
-                await conn._drain_helper()
+                await writable(conn)
         async with asyncio.timeout(read_timeout):
             message, payload = await conn.answer
         return Response(self, conn, message, payload, read_timeout)

@@ -36,3 +36,40 @@ def test_aiohttp_request_handler_error_hook():
     params = inspect.signature(RequestHandler.handle_error).parameters
     assert list(params) == ["self", "request", "status", "exc", "message"]
     assert "_manager" in RequestHandler.__slots__
+
+
+async def test_aiohttp_flow_control_and_parser_names_of_the_upstream_pool():
+    import asyncio
+
+    from aiohttp.base_protocol import BaseProtocol
+
+    from gateway.upstream_pool import _Connection
+
+    assert callable(BaseProtocol._drain_helper) and "_parser" in BaseProtocol.__slots__
+    conn = _Connection(asyncio.get_running_loop())  # builds aiohttp's response parser as the pool does
+    assert conn._parser is conn.parser
+
+
+def test_the_multipart_reader_asks_of_its_stream_only_what_the_spool_stream_has():
+    """gateway/multipart.py feeds aiohttp's MultipartReader a spool instead of a StreamReader."""
+    import re
+
+    import aiohttp.multipart
+
+    from gateway.multipart import SpoolStream
+
+    called = set(re.findall(r"self\._content\.(\w+)\(", inspect.getsource(aiohttp.multipart)))
+    assert called and called <= {name for name in dir(SpoolStream) if not name.startswith("__")}, called
+
+
+def test_the_request_handler_names_the_error_hook_relies_on():
+    from aiohttp.web_protocol import _ErrInfo
+
+    assert {"_messages", "_current_request"} <= set(RequestHandler.__slots__)
+    assert {"status", "message"} <= set(inspect.signature(_ErrInfo).parameters)
+
+
+def test_the_tls_protocol_names_the_shared_buffer_relies_on():
+    source = inspect.getsource(sslproto.SSLProtocol.buffer_updated)
+    assert "self._ssl_buffer_view[:nbytes]" in source
+    assert "self._outgoing" in inspect.getsource(sslproto.SSLProtocol.__init__)

@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 
 from conftest import wait_http
 from gateway.config import load_config

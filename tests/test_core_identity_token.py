@@ -1,4 +1,4 @@
-"""gateway.identity, gateway.token and gateway.cache."""
+"""gateway.identity and gateway.token."""
 
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.cache import TTLCache
 from gateway.identity import format_fingerprint, identity_from_der
 from gateway.pki import make_ca, make_client_cert, new_key
 from gateway.token import ISSUER, TokenIssuer, TokenVerifier, load_or_create_key, thumbprint
@@ -206,36 +205,3 @@ def test_load_or_create_key(tmp_path):
     assert again.private_numbers() == key.private_numbers()
     token = TokenIssuer(again, "aud", 60).token("c", FP)
     assert TokenVerifier(key.public_key(), "aud").verify(token)["sub"] == "c"
-
-
-# -- cache --------------------------------------------------------------------
-
-
-def test_cache_ttl_with_injected_clock():
-    clock = Clock(100.0)
-    cache: TTLCache[str] = TTLCache(10, 10, clock=clock)
-    cache.put("k", "v")
-    clock.now = 109.9
-    assert cache.get("k") == "v"
-    clock.now = 110.0
-    assert cache.get("k") is None and cache.get("k", "dflt") == "dflt"
-    cache.put("k", "w")
-    clock.now = 115.0
-    cache.put("k", "x")                      # put renews the expiry
-    clock.now = 124.0
-    assert cache.get("k") == "x"
-
-
-def test_cache_size_bound_evicts_oldest_and_discard():
-    clock = Clock(0.0)
-    cache: TTLCache[int] = TTLCache(60, 2, clock=clock)
-    cache.put("a", 1)
-    cache.put("b", 2)
-    cache.put("a", 11)                       # re-put makes "a" the newest
-    cache.put("c", 3)
-    assert cache.get("b") is None and cache.get("a") == 11 and cache.get("c") == 3
-    cache.put("d", 4)
-    assert cache.get("a") is None and cache.get("d") == 4
-    cache.discard("c")
-    cache.discard("never-there")
-    assert cache.get("c") is None and cache.get("d") == 4

@@ -398,3 +398,22 @@ def test_dockerfile_base_image_is_slim_python():
                          image)
     assert match, f"base image {image} is not python:3.X-slim"
     assert int(match.group(1)) >= 11, f"base image {image} is older than Python 3.11"
+
+
+def test_dockerfile_pins_the_base_image_and_uses_exec_forms():
+    froms = [a for k, a in dockerfile_instructions() if k == "FROM"]
+    image = strip_flags(froms[-1].split())[1][0]
+    assert re.fullmatch(r"python:3\.\d+\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", image), f"unpinned: {image}"
+    check = [a for k, a in dockerfile_instructions() if k == "HEALTHCHECK"][-1]
+    assert re.search(r"CMD \[", check), "HEALTHCHECK is not in exec form"
+    json.loads(check[check.index("CMD") + 3:])  # a JSON array: no shell in between
+
+
+def test_the_image_carries_no_example_policies_keys_or_data():
+    copies = [split_args(a) for k, a in dockerfile_instructions() if k in ("COPY", "ADD")]
+    sources = [s for words in copies for s in strip_flags(words)[1][:-1]]
+    assert not any(s.startswith(("policies", "certs", "data")) for s in sources), sources
+    ignore = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignore, "the build context is not deny-all"
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    assert allowed == {"pyproject.toml", "README.md", "gateway", "deploy/container-config.yaml", "directory.yaml"}

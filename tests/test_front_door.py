@@ -12,7 +12,6 @@ import asyncio
 import datetime as dt
 import json
 import re
-import shutil
 import ssl
 import statistics
 import time
@@ -25,7 +24,7 @@ from conftest import Clock
 from gateway import pki, server
 from gateway.reference.documents import sample_pdf
 from gateway_harness import (
-    DAY, NOW, ORDER_CRM, ORDER_HR, POLICIES, PKIFolder, build_pki, gateway_running, write_config,
+    DAY, NOW, ORDER_CRM, ORDER_HR, PKIFolder, build_pki, write_config,
 )
 from raw_tls import RawClient, RawResponse, get
 
@@ -111,7 +110,7 @@ async def door(tmp_path, recorder_url):
 # -- one pipeline for every request target, path and Expect header ---------------------
 
 SIDE_DOORS = [
-    ("encoded LF in an order path", f"GET /orders/a%0Ab/state HTTP/1.1\r\nHost: localhost\r\n\r\n"),
+    ("encoded LF in an order path", "GET /orders/a%0Ab/state HTTP/1.1\r\nHost: localhost\r\n\r\n"),
     ("encoded LF after /orders", "POST /orders%0a HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"),
     ("encoded CR", f"GET /orders/{ORDER_CRM}%0D/state HTTP/1.1\r\nHost: localhost\r\n\r\n"),
     ("asterisk form", "OPTIONS * HTTP/1.1\r\nHost: localhost\r\n\r\n"),
