@@ -103,3 +103,28 @@ async def test_client_issued_by_an_intermediate_in_the_bundle(tmp_path, test_pki
         # the root's own clients still get in; the chain check found both CRLs
         assert await get_status(test_pki, test_pki.client("crm"), url + STATE) == 200
     assert recorder.forwarded() == [f"GET {STATE}", f"GET {STATE}"]
+
+
+@pytest.mark.parametrize("which, alert, reason", [
+    ("wrong-ca", "alert unknown ca", "unknown_ca"),
+    ("expired", "alert certificate expired", "expired"),
+    ("server-auth-only", "alert unsupported certificate", "bad_purpose"),
+    (None, "alert certificate required", "no_certificate"),
+])
+async def test_a_refused_handshake_says_why_as_nginx_does(gw, test_pki, capsys, which, alert, reason):
+    """A real TLS alert to the client (not a bare reset) and a log line naming the certificate."""
+    import asyncio
+    import json
+    import shutil
+
+    if shutil.which("curl") is None:
+        pytest.skip("curl is not installed")
+    cert = [] if which is None else ["--cert", str(test_pki.special(which)[0]), "--key", str(test_pki.special(which)[1])]
+    proc = await asyncio.create_subprocess_exec("curl", "-sS", "--cacert", str(test_pki.ca), *cert, gw + STATE,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    _, err = await proc.communicate()
+    assert alert in err.decode(), err
+    logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"handshake_failure"' in line]
+    assert [e["reason"] for e in logged] == [reason] and logged[0]["verify_message"]
+    if which is not None:
+        assert logged[0]["subject"] == "CN=hr-system,O=gateway example" and logged[0]["serial"]

@@ -141,3 +141,18 @@ def test_check_warns_of_a_crl_due_soon(tmp_path, server_pki):
     _, warnings = check(str(config_for(tmp_path, server_pki, ca_dir, strict=False)))
     assert any("the CRL of CN=easy-rsa CA is due for renewal" in w for w in warnings), warnings
     assert not any("expires" in w and "easy-rsa" in w for w in warnings)  # the CA has 30 days left
+
+
+def test_check_says_an_expired_client_ca_is_a_problem(tmp_path, server_pki):
+    import datetime as dt
+
+    from gateway import pki
+
+    now = dt.datetime.now(dt.timezone.utc)
+    ca = pki.make_ca("lapsed CA", not_before=now - dt.timedelta(days=40), not_after=now - dt.timedelta(days=1))
+    (tmp_path / "lapsed").mkdir()
+    pki.write_pem(tmp_path / "lapsed" / "ca.crt", ca[0])
+    pki.write_pem(tmp_path / "lapsed" / "crl.pem", pki.make_crl(*ca, number=1, last_update=now - dt.timedelta(days=2),
+                                                                   next_update=now + dt.timedelta(days=30)))
+    problems, _ = check(str(config_for(tmp_path, server_pki, tmp_path / "lapsed", strict=False)))
+    assert any("tls.client_ca: CN=lapsed CA,O=gateway example expired on" in p for p in problems), problems
