@@ -34,7 +34,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # before bench/ itself, whose gateway.py is this file
-from gateway import pki  # noqa: E402
+from gateway.tools import pki  # noqa: E402
 from support import client_ssl, free_port, poll_ready, stop  # noqa: E402
 
 ORDER_ID = "22222222-2222-4222-8222-222222222222"

@@ -34,7 +34,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gateway import pki  # noqa: E402
+from gateway.tools import pki  # noqa: E402
 from gateway.reference.documents import sample_pdf  # noqa: E402
 from support import client_ssl, free_port, poll_ready, stop  # noqa: E402
 

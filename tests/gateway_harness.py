@@ -15,9 +15,9 @@ import aiohttp
 from aiohttp import web
 
 from conftest import free_port
-from gateway import pki
-from gateway.config import load_config
-from gateway import server
+from gateway.tools import pki
+from gateway.shell.settings import load_config
+from gateway.runtime import lifecycle as server
 
 NOW = dt.datetime.now(dt.timezone.utc)
 DAY = dt.timedelta(days=1)

@@ -7,7 +7,7 @@ import subprocess
 
 
 from conftest import gateway_command
-from gateway.audit import GENESIS, Redactor, last_hash, seal, verify
+from gateway.core.audit import GENESIS, Redactor, last_hash, seal, verify
 
 KEY = b"k" * 32
 
@@ -124,7 +124,7 @@ def test_verify_of_a_missing_file_is_one_line(tmp_path):
 
 
 def test_redaction_key_is_kept_from_the_first_start(tmp_path):
-    from gateway.audit_writer import redaction_key
+    from gateway.shell.audit_writer import redaction_key
 
     log = tmp_path / "new-folder" / "audit.jsonl"
     first = redaction_key(log, None)

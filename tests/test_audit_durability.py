@@ -19,8 +19,8 @@ import aiohttp
 import pytest
 
 from conftest import gateway_command, wait_http
-from gateway.audit import verify
-from gateway.config import load_config
+from gateway.core.audit import verify
+from gateway.shell.settings import load_config
 from gateway_harness import ORDER_HR, POLICIES, client_context, session, write_config
 from test_gateway_requests import HR_SOLICITOR, form
 

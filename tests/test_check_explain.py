@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from conftest import gateway_command
-from gateway import pki
+from gateway.tools import pki
 from gateway_harness import POLICIES, write_config
 
 ROOT = Path(__file__).resolve().parent.parent

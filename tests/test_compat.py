@@ -9,7 +9,7 @@ import ssl
 import aiohttp.web_response
 from aiohttp.web_protocol import RequestHandler
 
-from gateway import compat
+from gateway.shell import compat
 
 
 def test_aiohttp_reads_the_server_header_from_the_name_we_set():
@@ -43,7 +43,7 @@ async def test_aiohttp_flow_control_and_parser_names_of_the_upstream_pool():
 
     from aiohttp.base_protocol import BaseProtocol
 
-    from gateway.upstream_pool import _Connection
+    from gateway.shell.pool import _Connection
 
     assert callable(BaseProtocol._drain_helper) and "_parser" in BaseProtocol.__slots__
     conn = _Connection(asyncio.get_running_loop())  # builds aiohttp's response parser as the pool does
@@ -56,7 +56,7 @@ def test_the_multipart_reader_asks_of_its_stream_only_what_the_spool_stream_has(
 
     import aiohttp.multipart
 
-    from gateway.multipart import SpoolStream
+    from gateway.shell.body import SpoolStream
 
     called = set(re.findall(r"self\._content\.(\w+)\(", inspect.getsource(aiohttp.multipart)))
     assert called and called <= {name for name in dir(SpoolStream) if not name.startswith("__")}, called

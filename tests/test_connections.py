@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_http
-from gateway.config import load_config
+from gateway.shell.settings import load_config
 from gateway_harness import ORDER_CRM, POLICIES, client_context, gateway_running, session, write_config
 from test_gateway_ops import metric
 

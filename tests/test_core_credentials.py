@@ -1,4 +1,4 @@
-"""The per-request credential check (gateway.credentials), without sockets: chains, clocks, CRLs."""
+"""The per-request credential check (gateway.core.credentials), without sockets: chains, clocks, CRLs."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import datetime as dt
 import pytest
 from cryptography import x509
 
-from gateway import pki
-from gateway.credentials import CRLView, Trust
+from gateway.tools import pki
+from gateway.core.credentials import CRLView, Trust
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.timezone.utc)
 DAY = dt.timedelta(days=1)

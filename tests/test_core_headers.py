@@ -1,11 +1,11 @@
-"""gateway.headers: the request allow-list, response hop-by-hop removal, has_body."""
+"""gateway.core.headers: the request allow-list, response hop-by-hop removal, has_body."""
 
 from __future__ import annotations
 
 import pytest
 from multidict import CIMultiDict
 
-from gateway.headers import (FORWARDED_REQUEST_HEADERS, IDENTITY_TOKEN_HEADER, REQUEST_ID_HEADER,
+from gateway.core.headers import (FORWARDED_REQUEST_HEADERS, IDENTITY_TOKEN_HEADER, REQUEST_ID_HEADER,
                              client_response_headers, has_body, upstream_request_headers)
 
 DROPPED = [

@@ -1,4 +1,4 @@
-"""gateway.identity and gateway.token."""
+"""gateway.core.identity and gateway.shell.token."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from gateway.identity import format_fingerprint, identity_from_der
-from gateway.pki import make_ca, make_client_cert, new_key
-from gateway.token import ISSUER, TokenIssuer, TokenVerifier, load_or_create_key, thumbprint
+from gateway.core.identity import format_fingerprint, identity_from_der
+from gateway.tools.pki import make_ca, make_client_cert, new_key
+from gateway.shell.token import ISSUER, TokenIssuer, TokenVerifier, load_or_create_key, thumbprint
 
 NOW = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
 DAYS = dt.timedelta(days=1)

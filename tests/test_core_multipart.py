@@ -1,4 +1,4 @@
-"""gateway.multipart: Spool, SpoolStream (read as aiohttp reads), form_fields, anonymize_fields."""
+"""gateway.shell.body: Spool, SpoolStream (read as aiohttp reads), form_fields, anonymize_fields."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from hypothesis import given, settings, strategies as st
 from multidict import CIMultiDict
 
-from gateway.multipart import (MAX_FIELD_BYTES, MEMORY_THRESHOLD, BodyRefused, Spool, anonymize_fields,
+from gateway.shell.body import (MAX_FIELD_BYTES, MEMORY_THRESHOLD, BodyRefused, Spool, anonymize_fields,
                                form_fields, json_value)
 
 FAILED = "<both refuse>"

@@ -1,10 +1,10 @@
-"""gateway.operations: strict method + raw path -> operation, nothing else."""
+"""gateway.core.operations: strict method + raw path -> operation, nothing else."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.operations import ORDER_SCOPED, TABLE, WITH_BODY, Operation, Route, route
+from gateway.core.operations import ORDER_SCOPED, TABLE, WITH_BODY, Operation, Route, route
 
 GUID = "0f8fad5b-d9cb-469f-a165-70867728950e"
 GUID_UPPER = GUID.upper()

@@ -1,4 +1,4 @@
-"""gateway.policy: policy files, identity matching and the decide_* functions."""
+"""gateway.core.policy: policy files, identity matching and the decide_* functions."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.identity import Identity
-from gateway.operations import Operation
-from gateway.policy import (PolicyError, PolicySet, Rate, check_policies, decide_anonymize, decide_operation,
+from gateway.core.identity import Identity
+from gateway.core.operations import Operation
+from gateway.core.policy import (PolicyError, PolicySet, Rate, check_policies, decide_anonymize, decide_operation,
                             decide_order_scope, decide_solicitor, load_policies, parse_policy)
 
 ROOT = Path(__file__).resolve().parent.parent

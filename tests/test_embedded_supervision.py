@@ -13,8 +13,8 @@ import aiohttp
 import pytest
 
 from conftest import order_form, wait_http
-from gateway.config import load_config
-from gateway.embedded import Backoff
+from gateway.shell.settings import load_config
+from gateway.runtime.embedded import Backoff
 from gateway_harness import POLICIES, session, write_config
 from test_gateway_ops import metric
 

@@ -21,7 +21,8 @@ import aiohttp
 import pytest
 
 from conftest import Clock
-from gateway import pki, server
+from gateway.tools import pki
+from gateway.runtime import lifecycle as server
 from gateway.reference.documents import sample_pdf
 from gateway_harness import (
     DAY, NOW, ORDER_CRM, ORDER_HR, PKIFolder, build_pki, write_config,
@@ -98,7 +99,7 @@ async def door(tmp_path, recorder_url):
     config = write_config(tmp_path, own, recorder_url,
                           limits={"max_body_bytes": 1_000_000, "header_timeout_s": 10, "request_timeout_s": 10})
     clock = Clock()
-    from gateway.config import load_config
+    from gateway.shell.settings import load_config
 
     running = await server.start(load_config(config), clock=clock)
     try:
@@ -193,7 +194,7 @@ async def test_intermediates_the_client_presents_are_checked_on_every_request(do
     config = json.loads(door.config_path.read_text())
     config["tls"].update(crl=str(tmp_path / "crls.pem"), crl_check="chain")
     door.config_path.write_text(json.dumps(config))
-    from gateway.config import load_config
+    from gateway.shell.settings import load_config
 
     door.running.config = load_config(door.config_path)
     assert server.reload(door.running)
@@ -371,7 +372,7 @@ async def test_a_ca_dropped_on_reload_ends_its_open_connections(door, recorder, 
     config = json.loads(door.config_path.read_text())
     config["tls"].update(client_ca=str(tmp_path / "other-ca.crt"), crl=None)
     door.config_path.write_text(json.dumps(config))
-    from gateway.config import load_config
+    from gateway.shell.settings import load_config
 
     door.running.config = load_config(door.config_path)
     assert server.reload(door.running)

@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 
-from gateway.audit import verify
+from gateway.core.audit import verify
 from gateway_harness import ORDER_CRM, ORDER_HR, POLICIES, gateway_running, session, write_config
 
 FIELDS = {"ts", "request_id", "client", "cert", "remote", "method", "path", "operation", "order_id", "solicitor",
@@ -89,7 +89,7 @@ async def test_redacted_fields_are_keyed_hashes(tmp_path, test_pki, recorder_url
 
 
 async def admin_ready(config_path) -> tuple[int, dict]:
-    from gateway.config import load_config
+    from gateway.shell.settings import load_config
 
     admin = load_config(config_path).admin
     async with aiohttp.ClientSession() as s:

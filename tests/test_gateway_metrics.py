@@ -7,7 +7,7 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config import load_config
+from gateway.shell.settings import load_config
 from gateway_harness import ORDER_CRM, gateway_running, session, write_config
 
 CONTRACT_METRICS = {
@@ -159,9 +159,9 @@ async def test_readiness_names_a_dead_upstream(tmp_path, test_pki):
 
 async def test_every_known_series_exists_from_the_first_scrape(running):
     """Before any request: series for every operation, client and fixed reason, at zero."""
-    from gateway.metrics import HANDSHAKE_REASONS
-    from gateway.operations import Operation
-    from gateway.reasons import Reason
+    from gateway.shell.metrics import HANDSHAKE_REASONS
+    from gateway.core.operations import Operation
+    from gateway.core.errors import Reason
 
     _, admin = running
     families = await scrape(admin)

@@ -15,8 +15,8 @@ import pytest
 from aiohttp import web
 
 from conftest import wait_http
-from gateway import pki
-from gateway.config import load_config
+from gateway.tools import pki
+from gateway.shell.settings import load_config
 from gateway_harness import (
     DAY, NOW, ORDER_CRM, POLICIES, PKIFolder, client_context, gateway_running, session, write_config,
 )
@@ -186,7 +186,7 @@ async def test_expired_crl_refuses_everyone_loudly(tmp_path, own_pki, recorder_u
 
 
 async def test_fresh_crl_reload_lets_clients_back(tmp_path, own_pki, recorder_url):
-    from gateway.server import reload
+    from gateway.runtime.lifecycle import reload
 
     ca = pki.load_ca(own_pki.dir)
     pki.write_pem(own_pki.dir / "crl.pem",
@@ -231,7 +231,7 @@ def test_workers_with_memory_rate_limits_are_refused(tmp_path, test_pki, run_gat
 
 
 async def test_operational_log_lines(tmp_path, test_pki, recorder_url, capsys):
-    from gateway.server import reload
+    from gateway.runtime.lifecycle import reload
 
     config_path = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]})
     async with gateway_running(config_path) as (url, running):

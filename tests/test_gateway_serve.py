@@ -12,7 +12,7 @@ import pytest
 
 import vendor_examples as ex
 from conftest import wait_http
-from gateway.config import load_config
+from gateway.shell.settings import load_config
 from gateway.reference.documents import sample_pdf
 from gateway_harness import POLICIES, write_config
 

@@ -81,7 +81,7 @@ async def test_tls_1_1_is_refused(gw, test_pki):
 async def test_client_issued_by_an_intermediate_in_the_bundle(tmp_path, test_pki, recorder_url, recorder):
     from cryptography.hazmat.primitives import serialization
 
-    from gateway import pki
+    from gateway.tools import pki
     from gateway_harness import DAY, NOW, POLICIES, gateway_running, write_config
 
     root = pki.load_ca(test_pki.dir)

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway import pki
+from gateway.tools import pki
 
 UTC = dt.timezone.utc
 

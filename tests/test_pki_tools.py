@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.checks import check
+from gateway.tools.check import check
 from gateway_harness import build_pki, gateway_running, write_config
 from test_gateway_metrics import scrape, value
 
@@ -146,7 +146,7 @@ def test_check_warns_of_a_crl_due_soon(tmp_path, server_pki):
 def test_check_says_an_expired_client_ca_is_a_problem(tmp_path, server_pki):
     import datetime as dt
 
-    from gateway import pki
+    from gateway.tools import pki
 
     now = dt.datetime.now(dt.timezone.utc)
     ca = pki.make_ca("lapsed CA", not_before=now - dt.timedelta(days=40), not_after=now - dt.timedelta(days=1))

@@ -21,8 +21,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, stop_process, wait_http
-from gateway.policy import Rate
-from gateway.ratelimit import MemoryStorage
+from gateway.core.policy import Rate
+from gateway.core.ratelimit import MemoryStorage
 from gateway_harness import ORDER_CRM, POLICIES, gateway_running, session, write_config
 
 STATE = f"/orders/{ORDER_CRM}/state"
@@ -124,7 +124,7 @@ def state_calls(recorder) -> int:
 
 
 async def test_redis_storage_gives_the_same_verdicts_as_memory_storage(redis_server):
-    from gateway.ratelimit_redis import RedisStorage
+    from gateway.shell.limits_redis import RedisStorage
 
     tag = uuid.uuid4().hex
     client = (f"crm-{tag}", Rate(6 / 60, 6))              # interval 10 s: no refill during the test

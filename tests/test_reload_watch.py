@@ -10,7 +10,7 @@ import time
 import aiohttp
 import pytest
 
-from gateway import pki
+from gateway.tools import pki
 from gateway_harness import ORDER_CRM, POLICIES, PKIFolder, gateway_running, session, write_config
 from test_gateway_metrics import scrape, value
 
@@ -132,7 +132,7 @@ async def test_watch_zero_means_sighup_only(tmp_path, own_pki, recorder_url):
         swap_symlink(tmp_path / "crl-live.pem", own_pki.dir / "crl-2.pem")
         await asyncio.sleep(0.6)  # several times what a watcher at 0.1 s would need: nothing may happen
         assert await status(own_pki, "crm", url) == 200
-        from gateway.server import reload
+        from gateway.runtime.lifecycle import reload
 
         assert reload(running)
         assert await status(own_pki, "crm", url) is None

@@ -11,7 +11,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import wait_http
-from gateway.config import load_config
+from gateway.shell.settings import load_config
 from gateway_harness import POLICIES, write_config
 from test_gateway_ops import handshake, in_thread
 

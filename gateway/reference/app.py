@@ -22,8 +22,8 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
-from gateway.problem import CONTENT_TYPE as PROBLEM_TYPE
-from gateway.problem import problem_bytes
+from gateway.core.problem import CONTENT_TYPE as PROBLEM_TYPE
+from gateway.core.problem import problem_bytes
 from gateway.reference.directory import Directory
 from gateway.reference.documents import DocumentError, SigningIdentity, check_pdf, sign_pdf
 from gateway.reference.formdata import BodyError, read_json_object, read_multipart, read_urlencoded

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from gateway.strictjson import strict_json
+from gateway.core.strictjson import strict_json
 
 SOURCES = ("INTERNAL", "EXTERNAL")
 # The attributes the Signing Workflow server keeps about a person.

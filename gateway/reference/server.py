@@ -9,10 +9,10 @@ from aiohttp import web
 
 from cryptography.hazmat.primitives import serialization
 
-from gateway import compat  # noqa: F401  (no software versions in any answer)
-from gateway.config import Config, ConfigError, parse_host_port
-from gateway.headers import IDENTITY_TOKEN_HEADER
-from gateway.token import TokenVerifier, load_or_create_key
+from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
+from gateway.shell.settings import Config, ConfigError, parse_host_port
+from gateway.core.headers import IDENTITY_TOKEN_HEADER
+from gateway.shell.token import TokenVerifier, load_or_create_key
 from gateway.reference.app import Settings, create_app
 from gateway.reference.directory import Directory, DirectoryError
 from gateway.reference.documents import SigningIdentity

@@ -12,8 +12,8 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from gateway.policy import Rate
-from gateway.ratelimit import StorageError, Verdict
+from gateway.core.policy import Rate
+from gateway.core.ratelimit import StorageError, Verdict
 
 KEY_PREFIX = "gateway:ratelimit:"
 

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from gateway.audit import GENESIS, Redactor, last_hash, recovered, seal
+from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal
 
 log = logging.getLogger("gateway.audit")
 RETRY_S = 1.0

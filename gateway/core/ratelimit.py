@@ -15,8 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
-from gateway.operations import Operation
-from gateway.policy import Policy, Rate
+from gateway.core.operations import Operation
+from gateway.core.policy import Policy, Rate
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def storage_from_url(url: str) -> Storage:
     if url == "memory":
         return MemoryStorage()
     if url.startswith(("redis://", "rediss://", "unix://")):
-        from gateway.ratelimit_redis import RedisStorage
+        from gateway.shell.limits_redis import RedisStorage
 
         return RedisStorage(url)
     raise ValueError(f"rate_limit.storage must be memory or a redis:// URL, not {url!r}")

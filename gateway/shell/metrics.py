@@ -12,8 +12,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from gateway.operations import Operation
-from gateway.reasons import POLICY_REASONS, Reason
+from gateway.core.operations import Operation
+from gateway.core.errors import POLICY_REASONS, Reason
 
 # The fixed reason labels of refused handshakes (CONTRACT section 6).
 HANDSHAKE_REASONS = ("no_certificate", "unknown_ca", "expired", "not_yet_valid", "revoked", "crl_missing",

@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gateway import pki
-from gateway.config import ConfigError, load_config
+from gateway.tools import pki
+from gateway.shell.settings import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> int:
-    from gateway.checks import check
+    from gateway.tools.check import check
 
     problems, warnings = check(args.config)
     for line in warnings:
@@ -70,8 +70,8 @@ def _check(args) -> int:
 def _explain(args) -> int:
     from pathlib import Path
 
-    from gateway.checks import explain
-    from gateway.policy import PolicyError
+    from gateway.tools.check import explain
+    from gateway.core.policy import PolicyError
 
     form = []
     for item in args.form:
@@ -93,8 +93,8 @@ def _audit_verify(args) -> int:
     import os
     from pathlib import Path
 
-    from gateway.audit import verify
-    from gateway.audit_writer import load_key
+    from gateway.core.audit import verify
+    from gateway.shell.audit_writer import load_key
 
     key = None
     config_file = args.config or os.environ.get("GATEWAY_CONFIG") or ("config.yaml" if Path("config.yaml").is_file() else None)
@@ -116,7 +116,7 @@ def _serve_workers(args) -> int:
     """The parent of `serve --workers N`: its metrics folder is named before prometheus_client loads."""
     import logging
 
-    from gateway.workers import WorkersError, prepare_multiprocess_metrics
+    from gateway.runtime.workers import WorkersError, prepare_multiprocess_metrics
 
     config = load_config(args.config)
     try:
@@ -124,8 +124,8 @@ def _serve_workers(args) -> int:
     except WorkersError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
-    from gateway.server import StartError
-    from gateway.workers import run_workers
+    from gateway.runtime.lifecycle import StartError
+    from gateway.runtime.workers import run_workers
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             if args.workers != 1 and args.worker_index is None:
                 return _serve_workers(args)
-            from gateway.server import StartError, serve, serve_worker
+            from gateway.runtime.lifecycle import StartError, serve, serve_worker
 
             try:
                 if args.worker_index is not None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.config import TLS
-from gateway.credentials import CRLView, Trust
+from gateway.shell.settings import TLS
+from gateway.core.credentials import CRLView, Trust
 
 
 class TLSConfigError(Exception):

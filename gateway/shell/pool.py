@@ -19,7 +19,7 @@ from typing import AsyncIterator
 from urllib.parse import urlsplit
 
 from aiohttp import ClientPayloadError
-from gateway.compat import FlowControlledProtocol, ResponseParser, writable
+from gateway.shell.compat import FlowControlledProtocol, ResponseParser, writable
 
 READ_LIMIT = 2 ** 16
 MAX_IDLE = 256

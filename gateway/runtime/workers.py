@@ -27,9 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from gateway.config import Config
-from gateway.oplog import event
-from gateway.policy import PolicyError, load_policies
+from gateway.shell.settings import Config
+from gateway.shell.oplog import event
+from gateway.core.policy import PolicyError, load_policies
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 READY_EVERY_S = 2.0      # how often a worker writes its readiness
@@ -104,7 +104,7 @@ def _spawn(config: Config, index: int) -> subprocess.Popen:
 
 
 def run_workers(config: Config, workers: int, metrics_dir: Path) -> None:
-    from gateway.server import StartError
+    from gateway.runtime.lifecycle import StartError
 
     try:
         check_workers(config, workers)
@@ -120,10 +120,10 @@ async def _parent(config: Config, workers: int) -> None:
     from aiohttp import web
     from prometheus_client import multiprocess
 
-    from gateway.admin import parent_admin_app
-    from gateway.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
-    from gateway.metrics import Metrics
-    from gateway.server import StartError
+    from gateway.runtime.admin import parent_admin_app
+    from gateway.runtime.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
+    from gateway.shell.metrics import Metrics
+    from gateway.runtime.lifecycle import StartError
 
     metrics = Metrics()
     reference = None

@@ -24,27 +24,27 @@ from aiohttp.helpers import parse_mimetype
 from cryptography import x509
 from multidict import CIMultiDict
 
-from gateway.audit import completed, record_of
-from gateway.audit_writer import AuditUnavailable, AuditWriter
-from gateway.compat import BodyFramingError, verified_chain
-from gateway.config import Config
-from gateway.credentials import Standing, Trust
-from gateway.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
-from gateway.identity import Identity, identity_from_der
-from gateway.multipart import CHUNK, BodyRefused, Spool, anonymize_fields, form_fields, json_value
-from gateway.operations import ORDER_SCOPED, Operation, Route, route
-from gateway.policy import (
+from gateway.core.audit import completed, record_of
+from gateway.shell.audit_writer import AuditUnavailable, AuditWriter
+from gateway.shell.compat import BodyFramingError, verified_chain
+from gateway.shell.settings import Config
+from gateway.core.credentials import Standing, Trust
+from gateway.core.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
+from gateway.core.identity import Identity, identity_from_der
+from gateway.shell.body import CHUNK, BodyRefused, Spool, anonymize_fields, form_fields, json_value
+from gateway.core.operations import ORDER_SCOPED, Operation, Route, route
+from gateway.core.policy import (
     Decision, Policy, PolicySet, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor,
 )
-from gateway.problem import CONTENT_TYPE as PROBLEM_TYPE
-from gateway.oplog import Summary
-from gateway.problem import problem_bytes
-from gateway.ratelimit import StorageError, Storage, limits_for
-from gateway.metrics import Metrics
-from gateway.token import TokenIssuer
-from gateway.upstream import Upstream, UpstreamTimeout, UpstreamUnavailable
+from gateway.core.problem import CONTENT_TYPE as PROBLEM_TYPE
+from gateway.shell.oplog import Summary
+from gateway.core.problem import problem_bytes
+from gateway.core.ratelimit import StorageError, Storage, limits_for
+from gateway.shell.metrics import Metrics
+from gateway.shell.token import TokenIssuer
+from gateway.shell.upstream import Upstream, UpstreamTimeout, UpstreamUnavailable
 
-log = logging.getLogger("gateway.proxy")
+log = logging.getLogger("gateway.pipeline")
 ANONYMIZE_LIMIT = 65536
 ANONYMIZE_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded", "application/json"})
 SMALL_BODY = 65536  # answers up to this size are read whole and sent in one write

@@ -20,8 +20,8 @@ import time
 import urllib.request
 from typing import Callable
 
-from gateway.config import Config, parse_host_port
-from gateway.oplog import event
+from gateway.shell.settings import Config, parse_host_port
+from gateway.shell.oplog import event
 
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0

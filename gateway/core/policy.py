@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from gateway.identity import Identity
-from gateway.operations import ORDER_SCOPED, Operation
+from gateway.core.identity import Identity
+from gateway.core.operations import ORDER_SCOPED, Operation
 
 MATCH_KEYS = ("subject", "common_name", "san_dns", "san_uri", "san_email", "fingerprint_sha256")
 POLICY_KEYS = ("client", "match", "allow", "solicitors", "anonymize", "rate_limit", "max_upload_bytes", "mode")

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 from aiohttp import ClientPayloadError
 from cachetools import TTLCache
 
-from gateway.upstream_pool import ConnectionBroken, Pool, Response
+from gateway.shell.pool import ConnectionBroken, Pool, Response
 
 
 _UNKNOWN = object()

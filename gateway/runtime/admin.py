@@ -13,7 +13,7 @@ import json
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.ratelimit import StorageError
+from gateway.core.ratelimit import StorageError
 
 PIPELINE = web.AppKey("pipeline", object)
 

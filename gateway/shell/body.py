@@ -19,7 +19,7 @@ from aiohttp import BodyPartReader, MultipartReader
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
-from gateway.strictjson import strict_json
+from gateway.core.strictjson import strict_json
 
 MEMORY_THRESHOLD = 256 * 1024
 MAX_PARTS = 256            # the vendor's form needs at most 50 signers and a few fields

@@ -15,7 +15,7 @@ from typing import Callable
 from aiohttp import web
 from cryptography import x509
 
-from gateway.compat import GatedSSLProtocol, problem_request_handler
+from gateway.shell.compat import GatedSSLProtocol, problem_request_handler
 
 # OpenSSL's X509_V_ERR_* codes -> the reason labels of metrics.HANDSHAKE_REASONS
 _VERIFY_REASONS = {

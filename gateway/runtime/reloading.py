@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from gateway.config import Config
+from gateway.shell.settings import Config
 
 # Dotted keys (or whole sections) a reload applies.
 RELOADABLE = ("tls", "policies", "reload", "limits.max_body_bytes", "limits.request_timeout_s",

@@ -16,19 +16,19 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.audit_writer import load_key
-from gateway.config import Config, ConfigError, load_config
-from gateway.identity import Identity, identity_from_der
-from gateway.multipart import json_value
-from gateway.operations import ORDER_SCOPED, Operation, route
-from gateway.policy import (
+from gateway.shell.audit_writer import load_key
+from gateway.shell.settings import Config, ConfigError, load_config
+from gateway.core.identity import Identity, identity_from_der
+from gateway.shell.body import json_value
+from gateway.core.operations import ORDER_SCOPED, Operation, route
+from gateway.core.policy import (
     Decision, PolicySet, check_policies, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor,
     load_policies,
 )
-from gateway.ratelimit import storage_from_url
-from gateway.tls import TLSConfigError, check_crl, crl_is_stale, server_context
-from gateway.token import TokenIssuer, load_or_create_key
-from gateway.x509_rules import broken_rules
+from gateway.core.ratelimit import storage_from_url
+from gateway.shell.tls import TLSConfigError, check_crl, crl_is_stale, server_context
+from gateway.shell.token import TokenIssuer, load_or_create_key
+from gateway.core.x509_rules import broken_rules
 
 EXPIRY_WARNING_DAYS = 14
 

@@ -21,24 +21,24 @@ from typing import Callable
 
 from aiohttp import web
 
-from gateway import compat  # noqa: F401  (no software versions in any answer)
-from gateway.admin import admin_app, readiness
-from gateway.config import Config, ConfigError, load_config
-from gateway.reloading import fingerprint, merge
-from gateway.policy import PolicyError, load_policies
-from gateway.proxy import Gateway, Pipeline
-from gateway.oplog import SUMMARY_INTERVAL_S, Summary, event
-from gateway.credentials import Trust
-from gateway.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
-from gateway.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, load_trust, server_context
-from gateway.tls_listener import ConnectionGate, ContextHolder, TLSSite
-from gateway.audit import Redactor
-from gateway.audit_writer import AuditWriter, load_key, redaction_key
-from gateway.metrics import Metrics
-from gateway.ratelimit import Storage, storage_from_url
-from gateway.token import TokenIssuer, load_or_create_key
-from gateway.upstream import Upstream
-from gateway.workers import READY_EVERY_S, write_readiness
+from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
+from gateway.runtime.admin import admin_app, readiness
+from gateway.shell.settings import Config, ConfigError, load_config
+from gateway.runtime.reloading import fingerprint, merge
+from gateway.core.policy import PolicyError, load_policies
+from gateway.runtime.pipeline import Gateway, Pipeline
+from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event
+from gateway.core.credentials import Trust
+from gateway.runtime.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
+from gateway.shell.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, load_trust, server_context
+from gateway.shell.listener import ConnectionGate, ContextHolder, TLSSite
+from gateway.core.audit import Redactor
+from gateway.shell.audit_writer import AuditWriter, load_key, redaction_key
+from gateway.shell.metrics import Metrics
+from gateway.core.ratelimit import Storage, storage_from_url
+from gateway.shell.token import TokenIssuer, load_or_create_key
+from gateway.shell.upstream import Upstream
+from gateway.runtime.workers import READY_EVERY_S, write_readiness
 
 log = logging.getLogger("gateway")
 

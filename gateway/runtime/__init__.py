@@ -1,0 +1,1 @@
+"""The running gateway: the request pipeline, the admin port, start/reload/stop, the embedded upstream, workers."""

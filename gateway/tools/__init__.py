@@ -1,0 +1,1 @@
+"""The command line: `gateway ...`, check and explain, the development PKI."""
