@@ -10,8 +10,10 @@ import yaml
 
 from gateway.core.identity import Identity
 from gateway.core.operations import Operation
-from gateway.core.policy import (PolicyError, PolicySet, Rate, check_policies, decide_anonymize, decide_operation,
-                            decide_order_scope, decide_solicitor, load_policies, parse_policy)
+from gateway.core.errors import SettingsError
+from gateway.core.policy import (PolicySet, Rate, decide_anonymize, decide_operation, decide_order_scope,
+                                 decide_solicitor, parse_policy)
+from gateway.shell.settings import check_policies, load_policies
 
 ROOT = Path(__file__).resolve().parent.parent
 FP = "ab" * 32
@@ -76,24 +78,24 @@ def test_problems_name_file_and_key(tmp_path, changes, key):
     f = tmp_path / "broken-client.yaml"
     f.write_text(yaml.safe_dump(data), encoding="utf-8")
     problems = check_policies(tmp_path)
-    assert len(problems) == 1 and isinstance(problems[0], PolicyError)
+    assert len(problems) == 1 and isinstance(problems[0], SettingsError)
     assert "broken-client.yaml" in str(problems[0])
     assert f"{key}:" in str(problems[0]) and problems[0].key == key
-    with pytest.raises(PolicyError) as info:
+    with pytest.raises(SettingsError) as info:
         load_policies(tmp_path)
     assert str(info.value) == str(problems[0])
 
 
 @pytest.mark.parametrize("value", [5, True])
 def test_scalar_solicitors_is_a_policy_error(value):
-    with pytest.raises(PolicyError, match="solicitors"):
+    with pytest.raises(SettingsError, match="solicitors"):
         policy(solicitors=value)
 
 
 @pytest.mark.parametrize("rate", [{"per_second": float("nan")}, {"per_second": float("nan"), "burst": 2},
                                   {"per_minute": float("inf"), "burst": 2}])
 def test_non_finite_rate_is_a_policy_error(rate):
-    with pytest.raises(PolicyError, match="rate_limit"):
+    with pytest.raises(SettingsError, match="rate_limit"):
         policy(rate_limit=rate)
 
 
@@ -114,7 +116,7 @@ def test_duplicate_client_across_files(tmp_path):
     problems = check_policies(tmp_path)
     assert len(problems) == 1
     assert "two.yaml" in str(problems[0]) and "client:" in str(problems[0]) and "one.yaml" in str(problems[0])
-    with pytest.raises(PolicyError, match="two.yaml: client:"):
+    with pytest.raises(SettingsError, match="two.yaml: client:"):
         load_policies(tmp_path)
 
 

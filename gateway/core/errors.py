@@ -1,13 +1,24 @@
-"""The fixed reason codes of refused requests: the `reason` label of gateway_denied_total and
-gateway_would_deny_total, and the audit line's code. Bounded and known up front, so that every
-series exists from the first scrape and no label value comes from what a client sent."""
+"""The gateway's three kinds of error, each carrying what its handler needs from where it is raised.
+
+- `Refusal`: a request is answered with a problem instead of going on. It carries
+  the HTTP status, a fixed `Reason` code and the detail for the client, so no
+  catch site re-maps it (as h11's ProtocolError carries its own status hint).
+- `SettingsError`: a settings file (config.yaml, a policy file, a TLS file named in
+  config.yaml) cannot be used: `file: key: message`, one line.
+- `StartError`: the gateway cannot start (a port taken, a child that does not come
+  up); one line saying why.
+
+`Reason` codes are metric labels the README calls fixed: bounded, known up front,
+never taken from what a client sent.
+"""
 
 from __future__ import annotations
 
-from enum import Enum
+import os
+from enum import StrEnum
 
 
-class Reason(str, Enum):
+class Reason(StrEnum):
     # identity, checked on every request
     NO_CERTIFICATE = "no_certificate"
     EXPIRED = "expired"
@@ -43,6 +54,31 @@ class Reason(str, Enum):
     CANCELLED = "cancelled"
 
 
-# The denials report mode lets through (403/404 by policy), the labels of gateway_would_deny_total.
+# The denials report mode lets through (403/404 by policy): the labels of gateway_would_deny_total.
 POLICY_REASONS = (Reason.OPERATION_NOT_ALLOWED, Reason.SOLICITOR_NOT_ALLOWED, Reason.ORDER_NOT_VISIBLE,
                   Reason.ANONYMIZE_NOT_ALLOWED)
+
+
+class Refusal(Exception):
+    """Answer with a problem: `status`, the fixed `code`, the `detail` the client reads.
+
+    `headers` go on the answer (Retry-After, RateLimit-*); `close` ends the connection
+    after it (a credential that no longer holds, a body that was not read).
+    """
+
+    def __init__(self, status: int, code: Reason, detail: str, *, headers: dict[str, str] | None = None,
+                 close: bool = False):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers, self.close = status, code, detail, headers, close
+
+
+class SettingsError(Exception):
+    """A settings file cannot be used: `file: key: message` on one line."""
+
+    def __init__(self, file: str | os.PathLike, key: str, message: str):
+        self.file, self.key, self.message = str(file), key, message
+        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
+
+
+class StartError(Exception):
+    """The gateway cannot start; one line saying why."""

@@ -1,4 +1,6 @@
-"""Client policies: policies/*.yaml -> Policy objects; identity -> policy; decisions.
+"""Client policies: a parsed policy document -> Policy; identity -> policy; decisions.
+
+Reading policies/*.yaml is shell/settings.py's; this module gets the parsed data.
 
 Deny unless a policy allows. A certificate that matches no policy, or more
 than one, is nobody. Every decision carries a reason that goes to the client
@@ -11,11 +13,9 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
+from gateway.core.errors import SettingsError
 from gateway.core.identity import Identity
 from gateway.core.operations import ORDER_SCOPED, Operation
 
@@ -25,13 +25,6 @@ CLIENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SOURCES = ("INTERNAL", "EXTERNAL")
 PERIODS = {"per_second": 1.0, "per_minute": 60.0, "per_hour": 3600.0}
 
-
-class PolicyError(Exception):
-    """A problem in a policy file: `file: key: what is wrong`."""
-
-    def __init__(self, file: Path | str, key: str, message: str):
-        self.file, self.key, self.message = str(file), key, message
-        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
 @dataclass(frozen=True)
@@ -195,46 +188,9 @@ class PolicySet:
         return found[0], f"client {found[0].client}"
 
 
-def load_policies(folder: Path) -> PolicySet:
-    """Every policies/*.yaml file; the first problem raises PolicyError."""
-    problems = check_policies(folder)
-    if problems:
-        raise problems[0]
-    return PolicySet([_load_file(f) for f in sorted(folder.glob("*.yaml"))])
-
-
-def check_policies(folder: Path) -> list[PolicyError]:
-    """Every problem in the policy folder, for `gateway check`."""
-    if not folder.is_dir():
-        return [PolicyError(folder, "", "is not a folder of policy files")]
-    problems: list[PolicyError] = []
-    seen: dict[str, str] = {}
-    for f in sorted(folder.glob("*.yaml")):
-        try:
-            policy = _load_file(f)
-        except PolicyError as exc:
-            problems.append(exc)
-            continue
-        if policy.client in seen:
-            problems.append(PolicyError(f, "client", f"{policy.client!r} is also the client of {seen[policy.client]}"))
-        seen.setdefault(policy.client, str(f))
-    return problems
-
-
-def _load_file(path: Path) -> Policy:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise PolicyError(path, "", f"cannot read: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        raise PolicyError(path, "", "not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
-    return parse_policy(data, path)
-
-
-def parse_policy(data: Any, path: Path | str) -> Policy:
-    def err(key: str, message: str) -> PolicyError:
-        return PolicyError(path, key, message)
+def parse_policy(data: Any, path: str) -> Policy:
+    def err(key: str, message: str) -> SettingsError:
+        return SettingsError(path, key, message)
 
     if not isinstance(data, dict):
         raise err("", "must be a mapping")

@@ -10,7 +10,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 
 from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
-from gateway.shell.settings import Config, ConfigError, parse_host_port
+from gateway.core.errors import SettingsError
+from gateway.shell.settings import Config, parse_host_port
 from gateway.core.headers import IDENTITY_TOKEN_HEADER
 from gateway.shell.token import TokenVerifier, load_or_create_key
 from gateway.reference.app import Settings, create_app
@@ -24,11 +25,11 @@ def settings_from_config(config: Config) -> Settings:
     try:
         tz = ZoneInfo(ref.timezone)
     except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(config.file, "reference_api.timezone", f"unknown time zone {ref.timezone!r}") from None
+        raise SettingsError(config.file, "reference_api.timezone", f"unknown time zone {ref.timezone!r}") from None
     try:
         directory = Directory.load(ref.directory)
     except DirectoryError as exc:
-        raise ConfigError(config.file, "reference_api.directory", str(exc)) from None
+        raise SettingsError(config.file, "reference_api.directory", str(exc)) from None
     private_folder(ref.data_dir)
     return Settings(
         verify_token=_token_check(config),
@@ -51,10 +52,10 @@ def _token_check(config: Config):
         elif config.identity_token.key is not None:
             public = load_or_create_key(config.identity_token.key).public_key()
         else:
-            raise ConfigError(config.file, "identity_token.key", "is required")
+            raise SettingsError(config.file, "identity_token.key", "is required")
         verifier = TokenVerifier(public, config.identity_token.audience)
     except (OSError, ValueError) as exc:
-        raise ConfigError(config.file, "identity_token.key", str(exc)) from None
+        raise SettingsError(config.file, "identity_token.key", str(exc)) from None
 
     def check(request: web.Request) -> None:
         verifier.verify(request.headers.get(IDENTITY_TOKEN_HEADER))

@@ -20,6 +20,7 @@ import time
 import urllib.request
 from typing import Callable
 
+from gateway.core.errors import StartError
 from gateway.shell.settings import Config, parse_host_port
 from gateway.shell.oplog import event
 
@@ -27,9 +28,6 @@ MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
 TICK_S = 0.1
 
-
-class EmbeddedStartError(Exception):
-    """The child did not come up at start; one line saying why."""
 
 
 class Backoff:
@@ -68,13 +66,13 @@ class EmbeddedReference:
         self._started_at = self.clock()
 
     def start(self, deadline_s: float = 30.0) -> None:
-        """The first start: wait until it answers, or raise EmbeddedStartError with its last words."""
+        """The first start: wait until it answers, or raise StartError with its last words."""
         self._spawn()
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 err = (self.proc.stderr.read() or "").strip().splitlines()
-                raise EmbeddedStartError(f"the embedded reference API did not start: {err[-1] if err else 'exited'}")
+                raise StartError(f"the embedded reference API did not start: {err[-1] if err else 'exited'}")
             try:
                 with urllib.request.urlopen(self.url + "/healthz", timeout=1):
                     self._pass_stderr_on(self.proc)
@@ -82,7 +80,7 @@ class EmbeddedReference:
             except OSError:
                 time.sleep(0.05)
         self.stop()
-        raise EmbeddedStartError(f"the embedded reference API did not answer on {self.url} within {deadline_s:.0f}s")
+        raise StartError(f"the embedded reference API did not answer on {self.url} within {deadline_s:.0f}s")
 
     @staticmethod
     def _pass_stderr_on(proc: subprocess.Popen) -> None:

@@ -23,14 +23,15 @@ from aiohttp import web
 
 from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
 from gateway.runtime.admin import admin_app, readiness
-from gateway.shell.settings import Config, ConfigError, load_config
+from gateway.core.errors import SettingsError, StartError
+from gateway.shell.settings import Config, load_config
 from gateway.runtime.reloading import fingerprint, merge
-from gateway.core.policy import PolicyError, load_policies
+from gateway.shell.settings import load_policies
 from gateway.runtime.pipeline import Gateway, Pipeline
 from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event
 from gateway.core.credentials import Trust
-from gateway.runtime.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
-from gateway.shell.tls import CRLFacts, TLSConfigError, check_crl, crl_is_stale, expiry, load_trust, server_context
+from gateway.runtime.embedded import TICK_S, EmbeddedReference
+from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale, expiry, load_trust, server_context
 from gateway.shell.listener import ConnectionGate, ContextHolder, TLSSite
 from gateway.core.audit import Redactor
 from gateway.shell.audit_writer import AuditWriter, load_key, redaction_key
@@ -46,9 +47,6 @@ log = logging.getLogger("gateway")
 READINESS_INTERVAL_S = 5.0
 
 
-class StartError(Exception):
-    """The gateway cannot start; one line saying why."""
-
 
 def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: AuditWriter | None,
                   limiter: Storage | None) -> Gateway:
@@ -57,7 +55,7 @@ def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: A
         raise StartError(f"{config.file}: policies: {config.policies} is not a folder of policy files")
     try:
         policies = load_policies(config.policies)
-    except PolicyError as exc:
+    except SettingsError as exc:
         raise StartError(str(exc)) from None
     tokens = None
     if config.identity_token is not None:
@@ -75,12 +73,12 @@ def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: A
 def load_tls(config: Config) -> tuple[ssl.SSLContext, CRLFacts | None, Trust]:
     """The TLS context, what the CRL says, and the trust requests are checked against; StartError with one line."""
     try:
-        crl = check_crl(config.tls)
-        return server_context(config.tls), crl, load_trust(config.tls, crl)
-    except TLSConfigError as exc:
-        raise StartError(f"{config.file}: {exc}") from None
+        crl = check_crl(config)
+        return server_context(config), crl, load_trust(config, crl)
+    except SettingsError as exc:
+        raise StartError(str(exc)) from None
     except (OSError, ValueError) as exc:
-        raise StartError(f"{config.file}: tls: {exc}") from None
+        raise StartError(str(SettingsError(config.file, "tls", str(exc)))) from None
 
 
 def note_crl(facts: CRLFacts | None) -> None:
@@ -134,7 +132,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     metrics = Metrics()
     ctx, crl, trust = load_tls(config)
     contexts = ContextHolder(ctx)
-    metrics.set_expiry(expiry(config.tls).times)
+    metrics.set_expiry(expiry(config).times)
     note_crl(crl)
     reference = None
     upstream_url = config.upstream.url
@@ -151,7 +149,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     if reference is not None and worker is None:
         try:
             await asyncio.get_running_loop().run_in_executor(None, reference.start)
-        except EmbeddedStartError as exc:
+        except StartError as exc:
             raise StartError(str(exc)) from None
     else:
         reference = None  # a worker's parent runs the embedded upstream
@@ -205,8 +203,8 @@ async def _summaries(running: Running) -> None:
         running.handshakes.flush()
         running.pipeline.upstream_errors.flush()
         try:
-            note_crl(check_crl(running.config.tls))
-        except (TLSConfigError, OSError, ValueError):
+            note_crl(check_crl(running.config))
+        except (SettingsError, OSError, ValueError):
             pass
 
 
@@ -238,7 +236,7 @@ def reload(running: Running) -> bool:
         config, applied, restart = merge(running.config, load_config(running.config.file))
         ctx, crl, trust = load_tls(config)
         policies = load_policies(config.policies)
-    except (StartError, PolicyError, ConfigError) as exc:
+    except (StartError, SettingsError, SettingsError) as exc:
         gw.metrics.config_reloads.labels("error").inc()
         event("reload", result="error", error=str(exc), detail="the running configuration is kept")
         return False
@@ -246,7 +244,7 @@ def reload(running: Running) -> bool:
     running.contexts.context = ctx  # new handshakes only; open connections keep theirs
     running.pipeline.gateway = dataclasses.replace(gw, config=config, policies=policies, trust=trust,
                                                    tls_context=ctx)
-    gw.metrics.set_expiry(expiry(config.tls).times)
+    gw.metrics.set_expiry(expiry(config).times)
     gw.metrics.init_clients([p.client for p in policies.policies])
     gw.metrics.config_reloads.labels("ok").inc()
     event("reload", result="ok", clients=[p.client for p in policies.policies],

@@ -29,29 +29,27 @@ from pathlib import Path
 
 from gateway.shell.settings import Config
 from gateway.shell.oplog import event
-from gateway.core.policy import PolicyError, load_policies
+from gateway.core.errors import SettingsError, StartError
+from gateway.shell.settings import load_policies
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 READY_EVERY_S = 2.0      # how often a worker writes its readiness
 READY_STALE_S = 3 * READY_EVERY_S
 
 
-class WorkersError(Exception):
-    """The workers cannot be started as configured."""
-
 
 def check_workers(config: Config, workers: int) -> None:
     if workers < 1:
-        raise WorkersError("--workers must be at least 1")
+        raise StartError("--workers must be at least 1")
     if workers == 1:
         return
     try:
         policies = load_policies(config.policies)
-    except PolicyError as exc:
-        raise WorkersError(str(exc)) from None
+    except SettingsError as exc:
+        raise StartError(str(exc)) from None
     limited = [p.client for p in policies.policies if p.rate_limit.client or p.rate_limit.operations]
     if limited and config.rate_limit.storage == "memory":
-        raise WorkersError(
+        raise StartError(
             f"--workers {workers} with rate limits (clients {', '.join(limited)}) needs rate_limit.storage: "
             "redis://...; with memory storage each worker would keep limits of its own")
 
@@ -59,7 +57,7 @@ def check_workers(config: Config, workers: int) -> None:
 def prepare_multiprocess_metrics() -> Path:
     """A fresh folder for the workers' metrics, named in the environment before prometheus_client loads."""
     if "prometheus_client" in sys.modules:  # its value class is chosen when it is first imported
-        raise WorkersError("internal: prometheus_client was loaded before its multiprocess folder was set")
+        raise StartError("internal: prometheus_client was loaded before its multiprocess folder was set")
     folder = Path(tempfile.mkdtemp(prefix="gateway-metrics-"))
     os.environ[MULTIPROC_ENV] = str(folder)
     return folder
@@ -104,11 +102,9 @@ def _spawn(config: Config, index: int) -> subprocess.Popen:
 
 
 def run_workers(config: Config, workers: int, metrics_dir: Path) -> None:
-    from gateway.runtime.lifecycle import StartError
-
     try:
         check_workers(config, workers)
-    except WorkersError as exc:
+    except StartError as exc:
         raise StartError(str(exc)) from None
     try:
         asyncio.run(_parent(config, workers))
@@ -121,17 +117,15 @@ async def _parent(config: Config, workers: int) -> None:
     from prometheus_client import multiprocess
 
     from gateway.runtime.admin import parent_admin_app
-    from gateway.runtime.embedded import TICK_S, EmbeddedReference, EmbeddedStartError
+    from gateway.runtime.embedded import TICK_S, EmbeddedReference
     from gateway.shell.metrics import Metrics
-    from gateway.runtime.lifecycle import StartError
-
     metrics = Metrics()
     reference = None
     if config.upstream.url == "embedded":
         reference = EmbeddedReference(config, on_restart=metrics.upstream_restarts.inc)
         try:
             await asyncio.get_running_loop().run_in_executor(None, reference.start)
-        except EmbeddedStartError as exc:
+        except StartError as exc:
             raise StartError(str(exc)) from None
     procs = {i: _spawn(config, i) for i in range(workers)}
     admin = web.AppRunner(parent_admin_app(lambda: workers_readiness(sorted(procs), time.time())),

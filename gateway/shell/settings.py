@@ -17,15 +17,11 @@ from typing import Any
 
 import yaml
 
+from gateway.core.errors import SettingsError
+from gateway.core.policy import PolicySet, Policy, parse_policy
+
 DEFAULT_CONFIG = "config.yaml"
 
-
-class ConfigError(Exception):
-    """A problem in a config file: `file: key: what is wrong`, on one line."""
-
-    def __init__(self, file: str | os.PathLike, key: str, message: str):
-        self.file, self.key, self.message = str(file), key, message
-        super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
 @dataclass(frozen=True)
@@ -133,7 +129,7 @@ _CHOICES = {
 
 
 def _convert(value: Any, tp: Any, where: str, file: Path, base: Path) -> Any:
-    """Convert one YAML value to the field type `tp`, or raise ConfigError."""
+    """Convert one YAML value to the field type `tp`, or raise SettingsError."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -145,41 +141,41 @@ def _convert(value: Any, tp: Any, where: str, file: Path, base: Path) -> Any:
         if value is None:
             value = {}
         if not isinstance(value, dict):
-            raise ConfigError(file, where, "must be a mapping")
+            raise SettingsError(file, where, "must be a mapping")
         return _build(tp, value, where, file, base)
     if tp is Path:
         if not isinstance(value, str) or not value:
-            raise ConfigError(file, where, "must be a non-empty path")
+            raise SettingsError(file, where, "must be a non-empty path")
         path = Path(value)
         return path if path.is_absolute() else base / path
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(file, where, "must be true or false")
+            raise SettingsError(file, where, "must be true or false")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(file, where, "must be a non-negative integer")
+            raise SettingsError(file, where, "must be a non-negative integer")
         return value
     if tp is float:
         if where in _ZERO_ALLOWED:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ConfigError(file, where, "must be a number, 0 or more")
+                raise SettingsError(file, where, "must be a number, 0 or more")
             return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ConfigError(file, where, "must be a positive number")
+            raise SettingsError(file, where, "must be a positive number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(file, where, "must be a string")
+            raise SettingsError(file, where, "must be a string")
         allowed = _CHOICES.get(where)
         if allowed and value not in allowed:
-            raise ConfigError(file, where, f"must be one of {', '.join(allowed)}")
+            raise SettingsError(file, where, f"must be one of {', '.join(allowed)}")
         return value
     if origin is tuple:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(file, where, "must be a list of strings")
+            raise SettingsError(file, where, "must be a list of strings")
         return tuple(value)
-    raise ConfigError(file, where, f"unsupported type {tp!r}")  # pragma: no cover
+    raise SettingsError(file, where, f"unsupported type {tp!r}")  # pragma: no cover
 
 
 def _build(cls: type, data: dict, prefix: str, file: Path, base: Path) -> Any:
@@ -189,7 +185,7 @@ def _build(cls: type, data: dict, prefix: str, file: Path, base: Path) -> Any:
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            raise ConfigError(file, where, "unknown key")
+            raise SettingsError(file, where, "unknown key")
         kwargs[key] = _convert(value, hints[key], where, file, base)
     # Relative defaults are relative to the config file's folder too.
     for f in dataclasses.fields(cls):
@@ -204,27 +200,27 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     try:
         text = file.read_text(encoding="utf-8")
     except OSError as exc:
-        raise ConfigError(file, "", f"cannot read: {exc.strerror or exc}") from None
+        raise SettingsError(file, "", f"cannot read: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
-        raise ConfigError(file, "", f"not valid YAML{at}") from None
+        raise SettingsError(file, "", f"not valid YAML{at}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(file, "", "must be a mapping of sections")
+        raise SettingsError(file, "", "must be a mapping of sections")
     base = file.resolve().parent
     config = _build(Config, data, "", file, base)
     config = dataclasses.replace(config, file=file.resolve())
     if config.upstream.url != "embedded" and not config.upstream.url.startswith(("http://", "https://")):
-        raise ConfigError(file, "upstream.url", "must be 'embedded' or an http(s):// URL")
+        raise SettingsError(file, "upstream.url", "must be 'embedded' or an http(s):// URL")
     parse_host_port(config.reference_api.listen, file, "reference_api.listen")
     for key, value in (("upstream.max_connections", config.upstream.max_connections),
                        ("limits.max_connections", config.limits.max_connections)):
         if value < 1:
-            raise ConfigError(file, key, "must be at least 1")
+            raise SettingsError(file, key, "must be at least 1")
     return config
 
 
@@ -232,5 +228,45 @@ def parse_host_port(text: str, file: str | os.PathLike = "", key: str = "") -> t
     """'host:port' or '[v6]:port' -> (host, port)."""
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not host or int(port) > 65535:
-        raise ConfigError(file, key, f"{text!r} is not HOST:PORT")
+        raise SettingsError(file, key, f"{text!r} is not HOST:PORT")
     return host.strip("[]"), int(port)
+
+
+# -- policy files ---------------------------------------------------------------
+
+
+def load_policies(folder: Path) -> PolicySet:
+    """Every policies/*.yaml file; the first problem raises SettingsError."""
+    problems = check_policies(folder)
+    if problems:
+        raise problems[0]
+    return PolicySet([_load_file(f) for f in sorted(folder.glob("*.yaml"))])
+
+
+def check_policies(folder: Path) -> list[SettingsError]:
+    """Every problem in the policy folder, for `gateway check`."""
+    if not folder.is_dir():
+        return [SettingsError(folder, "", "is not a folder of policy files")]
+    problems: list[SettingsError] = []
+    seen: dict[str, str] = {}
+    for f in sorted(folder.glob("*.yaml")):
+        try:
+            policy = _load_file(f)
+        except SettingsError as exc:
+            problems.append(exc)
+            continue
+        if policy.client in seen:
+            problems.append(SettingsError(f, "client", f"{policy.client!r} is also the client of {seen[policy.client]}"))
+        seen.setdefault(policy.client, str(f))
+    return problems
+
+
+def _load_file(path: Path) -> Policy:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise SettingsError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise SettingsError(path, "", "not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+    return parse_policy(data, str(path))

@@ -17,12 +17,11 @@ from pathlib import Path
 
 from cryptography import x509
 
-from gateway.shell.settings import TLS
+from gateway.core.errors import SettingsError
+from gateway.shell.settings import Config
 from gateway.core.credentials import CRLView, Trust
 
 
-class TLSConfigError(Exception):
-    """The TLS files cannot be used; one line naming the file and key."""
 
 
 @dataclass(frozen=True)
@@ -32,12 +31,12 @@ class Expiry:
     times: dict[str, float]
 
 
-def _need(tls: TLS, key: str) -> Path:
-    path = getattr(tls, key)
+def _need(config: Config, key: str) -> Path:
+    path = getattr(config.tls, key)
     if path is None:
-        raise TLSConfigError(f"tls.{key}: is required")
+        raise SettingsError(config.file, f"tls.{key}", "is required")
     if not Path(path).is_file():
-        raise TLSConfigError(f"tls.{key}: {path} does not exist")
+        raise SettingsError(config.file, f"tls.{key}", f"{path} does not exist")
     return Path(path)
 
 
@@ -57,17 +56,17 @@ class CRLFacts:
 _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
 
 
-def read_crls(path: Path) -> CRLFacts:
+def read_crls(path: Path, file: str | Path = "") -> CRLFacts:
     blocks = _CRL_BLOCK.findall(Path(path).read_bytes())
     if not blocks:
-        raise TLSConfigError(f"tls.crl: {path} holds no PEM CRL")
+        raise SettingsError(file, "tls.crl", f"{path} holds no PEM CRL")
     revoked, updates, issuers = set(), [], set()
     by_issuer: dict[str, float | None] = {}
     for block in blocks:
         try:
             crl = x509.load_pem_x509_crl(block)
         except ValueError:
-            raise TLSConfigError(f"tls.crl: {path} holds a CRL that does not parse") from None
+            raise SettingsError(file, "tls.crl", f"{path} holds a CRL that does not parse") from None
         issuer = crl.issuer.rfc4514_string()
         issuers.add(issuer)
         revoked.update((issuer, r.serial_number) for r in crl)
@@ -80,19 +79,20 @@ def read_crls(path: Path) -> CRLFacts:
     return CRLFacts(frozenset(revoked), min(updates) if updates else None, frozenset(issuers), by_issuer)
 
 
-def check_crl(tls: TLS) -> CRLFacts | None:
-    """The CRL facts; a chain check needs a CRL for every CA of the bundle. Raises TLSConfigError."""
+def check_crl(config: Config) -> CRLFacts | None:
+    """The CRL facts; a chain check needs a CRL for every CA of the bundle. Raises SettingsError."""
+    tls = config.tls
     if tls.crl is None:
         if tls.crl_check == "chain":
-            raise TLSConfigError("tls.crl: crl_check: chain needs tls.crl with a CRL for every CA")
+            raise SettingsError(config.file, "tls.crl", "crl_check: chain needs tls.crl with a CRL for every CA")
         return None
-    facts = read_crls(_need(tls, "crl"))
+    facts = read_crls(_need(config, "crl"), config.file)
     if tls.crl_check == "chain":
-        cas = x509.load_pem_x509_certificates(_need(tls, "client_ca").read_bytes())
+        cas = x509.load_pem_x509_certificates(_need(config, "client_ca").read_bytes())
         missing = [ca.subject.rfc4514_string() for ca in cas if ca.subject.rfc4514_string() not in facts.issuers]
         if missing:
-            raise TLSConfigError(
-                f"tls.crl: crl_check: chain needs a CRL for every CA in tls.client_ca; none for {'; '.join(missing)}")
+            raise SettingsError(config.file, "tls.crl",
+                                f"crl_check: chain needs a CRL for every CA in tls.client_ca; none for {'; '.join(missing)}")
     return facts
 
 
@@ -101,41 +101,44 @@ def crl_is_stale(facts: CRLFacts | None, now: float) -> bool:
     return facts is not None and facts.next_update is not None and facts.next_update < now
 
 
-def server_context(tls: TLS) -> ssl.SSLContext:
-    cert, key, cas = _need(tls, "cert"), _need(tls, "key"), _need(tls, "client_ca")
+def server_context(config: Config) -> ssl.SSLContext:
+    tls = config.tls
+    cert, key, cas = _need(config, "cert"), _need(config, "key"), _need(config, "client_ca")
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     try:
         ctx.load_cert_chain(cert, key)
     except (ssl.SSLError, OSError) as exc:
-        raise TLSConfigError(f"tls.cert/tls.key: {cert} and {key} cannot be used together ({exc.__class__.__name__})") from None
+        raise SettingsError(config.file, "tls.cert/tls.key",
+                            f"{cert} and {key} cannot be used together ({exc.__class__.__name__})") from None
     try:
         ctx.load_verify_locations(cafile=str(cas))
     except (ssl.SSLError, OSError):
-        raise TLSConfigError(f"tls.client_ca: {cas} holds no usable CA certificate") from None
+        raise SettingsError(config.file, "tls.client_ca", f"{cas} holds no usable CA certificate") from None
     ctx.verify_mode = ssl.CERT_REQUIRED
-    check_crl(tls)
+    check_crl(config)
     if tls.crl is not None:
-        crl = _need(tls, "crl")
+        crl = _need(config, "crl")
         try:
             ctx.load_verify_locations(cafile=str(crl))
         except (ssl.SSLError, OSError):
-            raise TLSConfigError(f"tls.crl: {crl} is not a PEM CRL") from None
+            raise SettingsError(config.file, "tls.crl", f"{crl} is not a PEM CRL") from None
         ctx.verify_flags |= ssl.VERIFY_CRL_CHECK_CHAIN if tls.crl_check == "chain" else ssl.VERIFY_CRL_CHECK_LEAF
     if tls.x509_strict:  # off by default, as in nginx, Envoy and HAProxy: see x509_rules.py
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
 
 
-def load_trust(tls: TLS, crl: CRLFacts | None) -> Trust:
+def load_trust(config: Config, crl: CRLFacts | None) -> Trust:
     """The client CAs and CRLs the per-request credential check holds connections to."""
-    cas = tuple(x509.load_pem_x509_certificates(_need(tls, "client_ca").read_bytes()))
-    return Trust(cas, crl.view() if crl is not None else None, tls.crl_check)
+    cas = tuple(x509.load_pem_x509_certificates(_need(config, "client_ca").read_bytes()))
+    return Trust(cas, crl.view() if crl is not None else None, config.tls.crl_check)
 
 
-def expiry(tls: TLS) -> Expiry:
+def expiry(config: Config) -> Expiry:
     """Expiry times of the server certificate, each client CA and the CRL's next update."""
+    tls = config.tls
     times: dict[str, float] = {}
     if tls.cert and Path(tls.cert).is_file():
         times["server"] = x509.load_pem_x509_certificate(Path(tls.cert).read_bytes()).not_valid_after_utc.timestamp()
@@ -145,7 +148,7 @@ def expiry(tls: TLS) -> Expiry:
     if tls.crl and Path(tls.crl).is_file():
         try:
             facts = read_crls(Path(tls.crl))
-        except TLSConfigError:
+        except SettingsError:
             facts = None
         if facts is not None and facts.next_update is not None:
             times["crl_next_update"] = facts.next_update

@@ -17,16 +17,17 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.shell.audit_writer import load_key
-from gateway.shell.settings import Config, ConfigError, load_config
+from gateway.core.errors import SettingsError
+from gateway.shell.settings import Config, load_config
 from gateway.core.identity import Identity, identity_from_der
 from gateway.shell.body import json_value
 from gateway.core.operations import ORDER_SCOPED, Operation, route
 from gateway.core.policy import (
-    Decision, PolicySet, check_policies, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor,
-    load_policies,
+    Decision, PolicySet, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor,
 )
+from gateway.shell.settings import check_policies, load_policies
 from gateway.core.ratelimit import storage_from_url
-from gateway.shell.tls import TLSConfigError, check_crl, crl_is_stale, server_context
+from gateway.shell.tls import check_crl, crl_is_stale, server_context
 from gateway.shell.token import TokenIssuer, load_or_create_key
 from gateway.core.x509_rules import broken_rules
 
@@ -37,7 +38,7 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
     """(problems, warnings) of a configuration and everything it names."""
     try:
         config = load_config(config_file)
-    except ConfigError as exc:
+    except SettingsError as exc:
         return [str(exc)], []
     where = str(config.file)
     if config.policies.is_dir():
@@ -46,12 +47,12 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
         problems = [f"{where}: policies: {config.policies} is not a folder of policy files"]
     warnings: list[str] = []
     try:
-        server_context(config.tls)
-        facts = check_crl(config.tls)
+        server_context(config)
+        facts = check_crl(config)
         if crl_is_stale(facts, time.time()):
             problems.append(f"{where}: tls.crl: {config.tls.crl} is past its nextUpdate: every client would be refused")
-    except TLSConfigError as exc:
-        problems.append(f"{where}: {exc}")
+    except SettingsError as exc:
+        problems.append(str(exc))
     trust_problems, trust_warnings = _trust(config, time.time())
     problems += trust_problems
     warnings += trust_warnings
@@ -221,9 +222,9 @@ def _identity(cert_pem: Path) -> Identity:
     try:
         data = Path(cert_pem).read_bytes()
     except OSError as exc:
-        raise ConfigError(cert_pem, "", f"cannot read: {exc.strerror or exc}") from None
+        raise SettingsError(cert_pem, "", f"cannot read: {exc.strerror or exc}") from None
     try:
         cert = x509.load_pem_x509_certificate(data)
     except ValueError:
-        raise ConfigError(cert_pem, "", "is not a PEM certificate") from None
+        raise SettingsError(cert_pem, "", "is not a PEM certificate") from None
     return identity_from_der(cert.public_bytes(serialization.Encoding.DER))

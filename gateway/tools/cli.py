@@ -9,7 +9,8 @@ import argparse
 import sys
 
 from gateway.tools import pki
-from gateway.shell.settings import ConfigError, load_config
+from gateway.core.errors import SettingsError, StartError
+from gateway.shell.settings import load_config
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +72,6 @@ def _explain(args) -> int:
     from pathlib import Path
 
     from gateway.tools.check import explain
-    from gateway.core.policy import PolicyError
 
     form = []
     for item in args.form:
@@ -82,7 +82,7 @@ def _explain(args) -> int:
         form.append((name, value))
     try:
         result = explain(args.config, Path(args.cert), args.method, args.path, form)
-    except (PolicyError, ConfigError) as exc:
+    except (SettingsError, SettingsError) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     print("\n".join(result.lines))
@@ -102,7 +102,7 @@ def _audit_verify(args) -> int:
         try:
             key = load_key(load_config(config_file).audit.key_file)
         except ValueError as exc:
-            raise ConfigError(config_file, "audit.key_file", str(exc)) from None
+            raise SettingsError(config_file, "audit.key_file", str(exc)) from None
     with open(args.file, "rb") as f:
         result = verify(f, key)
     if result.ok:
@@ -116,15 +116,14 @@ def _serve_workers(args) -> int:
     """The parent of `serve --workers N`: its metrics folder is named before prometheus_client loads."""
     import logging
 
-    from gateway.runtime.workers import WorkersError, prepare_multiprocess_metrics
+    from gateway.runtime.workers import prepare_multiprocess_metrics
 
     config = load_config(args.config)
     try:
         folder = prepare_multiprocess_metrics()
-    except WorkersError as exc:
+    except StartError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
-    from gateway.runtime.lifecycle import StartError
     from gateway.runtime.workers import run_workers
 
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -155,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             if args.workers != 1 and args.worker_index is None:
                 return _serve_workers(args)
-            from gateway.runtime.lifecycle import StartError, serve, serve_worker
+            from gateway.runtime.lifecycle import serve, serve_worker
 
             try:
                 if args.worker_index is not None:
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"gateway: {exc}", file=sys.stderr)
                 return 1
             return 0
-    except ConfigError as exc:
+    except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
