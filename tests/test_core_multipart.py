@@ -13,8 +13,9 @@ from aiohttp.http_exceptions import BadHttpMessage
 from hypothesis import given, settings, strategies as st
 from multidict import CIMultiDict
 
-from gateway.shell.body import (MAX_FIELD_BYTES, MEMORY_THRESHOLD, BodyRefused, Spool, anonymize_fields,
-                               form_fields, json_value)
+from gateway.core.errors import Refusal
+from gateway.core.strictjson import json_value
+from gateway.shell.body import MAX_FIELD_BYTES, MEMORY_THRESHOLD, Spool, anonymize_fields, form_fields
 
 FAILED = "<both refuse>"
 BAD_UTF8 = "<not utf-8>"
@@ -70,10 +71,10 @@ def spool_of(body: bytes, limit: int = 10**9) -> Spool:
 async def via_spool(body: bytes, content_type: str, wanted):
     try:
         fields = await form_fields(spool_of(body), content_type, wanted)
-    except BodyRefused as exc:
+    except Refusal as exc:
         assert exc.status == 400
         return FAILED
-    except BadHttpMessage:  # refused, but not as BodyRefused: see test_malformed_part_headers_are_400
+    except BadHttpMessage:  # refused, but not as Refusal: see test_malformed_part_headers_are_400
         return FAILED
     return {k: [BAD_UTF8 if isinstance(v, Exception) else v for v in vs] for k, vs in fields.items()}
 
@@ -149,11 +150,11 @@ async def test_spool_limit_and_round_trip():
     spool = await Spool(10).fill(gen([b"0123", b"", b"456789"]))
     assert spool.size == 10 and spool.read_all() == b"0123456789"
     assert b"".join([c async for c in spool.chunks()]) == b"0123456789"
-    with pytest.raises(BodyRefused) as info:
+    with pytest.raises(Refusal) as info:
         await Spool(10).fill(gen([b"01234", b"56789", b"X"]))
-    assert info.value.status == 413 and "10" in info.value.reason
+    assert info.value.status == 413 and "10" in info.value.detail
     over = Spool(3)
-    with pytest.raises(BodyRefused) as info:
+    with pytest.raises(Refusal) as info:
         over.write(b"abcd")
     assert info.value.status == 413
 
@@ -174,7 +175,7 @@ async def test_spool_limit_and_round_trip():
     form(part("title", b"x" * 1000), part("title", b"y" * MAX_FIELD_BYTES + b"z")),
 ])
 async def test_form_fields_refuses(body):
-    with pytest.raises(BodyRefused) as info:
+    with pytest.raises(Refusal) as info:
         await form_fields(spool_of(body), CT, ("title",))
     assert info.value.status == 400
 
@@ -191,7 +192,7 @@ async def test_form_fields_accepts_identity_encodings_and_limits():
     form(part("_charset_", b"utf-8"), part("title", b"x")),  # aiohttp reads the next boundary as a header
 ], ids=["no-colon", "too-many-headers", "charset-part"])
 async def test_malformed_part_headers_are_400(body):
-    with pytest.raises(BodyRefused) as info:
+    with pytest.raises(Refusal) as info:
         await form_fields(spool_of(body), CT, ("title",))
     assert info.value.status == 400
 
@@ -219,7 +220,7 @@ async def test_anonymize_fields_multipart_shows_unknown_names():
     assert await anonymize_fields(spool_of(body), CT, MP) == {"internalId": ["abc"], "sneaky": [""], "upload": [""]}
     assert await anonymize_fields(spool_of(form(part("externalId", b"E:1"), part("externalId", b"E:2"))), CT, MP) \
         == {"externalId": ["E:1", "E:2"]}
-    with pytest.raises(BodyRefused):
+    with pytest.raises(Refusal):
         await anonymize_fields(spool_of(form(part(None, b"x"))), CT, MP)
 
 
@@ -236,7 +237,7 @@ async def test_anonymize_fields_urlencoded(body, expected):
 @pytest.mark.parametrize("body", [b"a=1&&b=2", b"novalue", b"a=1&", b"a=%FF", "a=é".encode(), b"\xff=1",
                                   b"&".join(b"f%d=1" % i for i in range(33))])
 async def test_anonymize_fields_urlencoded_malformed(body):
-    with pytest.raises(BodyRefused) as info:
+    with pytest.raises(Refusal) as info:
         await anonymize_fields(spool_of(body), URL, URL)
     assert info.value.status == 400
 
@@ -245,10 +246,10 @@ async def test_anonymize_fields_json_and_other_types():
     assert await anonymize_fields(spool_of(b'{"internalId": "a", "x": 1}'), "application/json", "application/json") \
         == {"internalId": ["a"], "x": [1]}
     for body in (b"[1]", b'"s"', b"null", b'{"a": 1, "a": 2}', b'{"a": NaN}', b"\xff", b"{"):
-        with pytest.raises(BodyRefused) as info:
+        with pytest.raises(Refusal) as info:
             await anonymize_fields(spool_of(body), "application/json", "application/json")
         assert info.value.status == 400, body
     for mimetype in ("text/plain", "", "application/xml", "multipart/mixed"):
-        with pytest.raises(BodyRefused) as info:
+        with pytest.raises(Refusal) as info:
             await anonymize_fields(spool_of(b"internalId=a"), mimetype, mimetype)
         assert info.value.status == 415

@@ -13,7 +13,8 @@ import pytest
 from conftest import Clock
 from gateway.core.operations import Operation
 from gateway.core.policy import Rate, parse_policy
-from gateway.core.ratelimit import MemoryStorage, Verdict, combine, gcra, limits_for
+from gateway.core.ratelimit import Verdict, combine, gcra, limits_for
+from gateway.shell.limits import MemoryStorage
 
 TWO_A_SECOND_BURST_4 = Rate(rate=2.0, burst=4)      # interval 0.5 s, bucket 2 s
 SIX_A_MINUTE_BURST_6 = Rate(rate=6 / 60, burst=6)   # interval 10 s, bucket 60 s

@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port, stop_process, wait_http
 from gateway.core.policy import Rate
-from gateway.core.ratelimit import MemoryStorage
+from gateway.shell.limits import MemoryStorage
 from gateway_harness import ORDER_CRM, POLICIES, gateway_running, session, write_config
 
 STATE = f"/orders/{ORDER_CRM}/state"

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.core.errors import SettingsError
+from gateway.core.errors import Reason, SettingsError
 from gateway.core.identity import Identity
 from gateway.core.operations import ORDER_SCOPED, Operation
 
@@ -96,45 +96,45 @@ class Decision:
     allow: bool
     status: int          # the status to answer when denied
     reason: str
-    code: str = "allowed"  # a fixed reason code: the metrics label of a denial
+    code: Reason | None = None  # the fixed reason code of a denial (a metrics label)
 
     @classmethod
     def ok(cls, reason: str = "allowed by policy") -> "Decision":
         return cls(True, 200, reason)
 
 
-def deny(status: int, reason: str, code: str) -> Decision:
+def deny(status: int, reason: str, code: Reason) -> Decision:
     return Decision(False, status, reason, code)
 
 
 def decide_operation(policy: Policy, operation: Operation) -> Decision:
     if operation not in policy.allow:
-        return deny(403, f"operation {operation.value} is not allowed for client {policy.client}", "operation_not_allowed")
+        return deny(403, f"operation {operation.value} is not allowed for client {policy.client}", Reason.OPERATION_NOT_ALLOWED)
     return Decision.ok()
 
 
 def decide_solicitor(policy: Policy, values: list[Any]) -> Decision:
     """create_order: the parsed `solicitor` field values (JSON already decoded, or an Exception)."""
     if not values:
-        return deny(400, "solicitor: is missing", "bad_solicitor")
+        return deny(400, "solicitor: is missing", Reason.BAD_SOLICITOR)
     if len(values) > 1:
-        return deny(400, "solicitor: must appear once, not repeated", "bad_solicitor")
+        return deny(400, "solicitor: must appear once, not repeated", Reason.BAD_SOLICITOR)
     value = values[0]
     if isinstance(value, Exception):
-        return deny(400, f"solicitor: is not valid JSON ({value})", "bad_solicitor")
+        return deny(400, f"solicitor: is not valid JSON ({value})", Reason.BAD_SOLICITOR)
     if not isinstance(value, dict):
-        return deny(400, "solicitor: must be a JSON object", "bad_solicitor")
+        return deny(400, "solicitor: must be a JSON object", Reason.BAD_SOLICITOR)
     source, identifier = value.get("source"), value.get("identifier")
     if not policy.may_act_for(source, identifier):
         return deny(403, f"solicitor {source}:{identifier} is not one of client {policy.client}'s solicitors",
-                    "solicitor_not_allowed")
+                    Reason.SOLICITOR_NOT_ALLOWED)
     return Decision.ok(f"solicitor {source}:{identifier} allowed")
 
 
 def decide_order_scope(policy: Policy, solicitor: dict | None) -> Decision:
     """Order operations: the order's solicitor, as the upstream stores it, must be the client's."""
     if solicitor is None or not policy.may_act_for(solicitor.get("source"), solicitor.get("identifier")):
-        return deny(404, "no such order for this client", "order_not_visible")
+        return deny(404, "no such order for this client", Reason.ORDER_NOT_VISIBLE)
     return Decision.ok(f"order of solicitor {solicitor.get('source')}:{solicitor.get('identifier')}")
 
 
@@ -142,22 +142,22 @@ def decide_anonymize(policy: Policy, fields: dict[str, list[Any]]) -> Decision:
     given = [n for n in ("internalId", "externalId", "ldapSearch") if fields.get(n)]
     unknown = set(fields) - {"internalId", "externalId", "ldapSearch"}
     if unknown:
-        return deny(400, f"{sorted(unknown)[0]}: is not a field of POST /anonymize", "bad_anonymize")
+        return deny(400, f"{sorted(unknown)[0]}: is not a field of POST /anonymize", Reason.BAD_ANONYMIZE)
     if len(given) != 1:
-        return deny(400, "give exactly one of internalId, externalId, ldapSearch", "bad_anonymize")
+        return deny(400, "give exactly one of internalId, externalId, ldapSearch", Reason.BAD_ANONYMIZE)
     values = fields[given[0]]
     if len(values) > 1:
-        return deny(400, f"{given[0]}: must appear once, not repeated", "bad_anonymize")
+        return deny(400, f"{given[0]}: must appear once, not repeated", Reason.BAD_ANONYMIZE)
     if given[0] == "externalId":
         if not isinstance(values[0], str):
-            return deny(400, "externalId: must be SOURCE:identifier", "bad_anonymize")
+            return deny(400, "externalId: must be SOURCE:identifier", Reason.BAD_ANONYMIZE)
         target = values[0]
         allowed = policy.may_anonymize(target)
     else:
         target = given[0]
         allowed = policy.may_anonymize(None)
     if not allowed:
-        return deny(403, f"anonymizing by {target} is not allowed for client {policy.client}", "anonymize_not_allowed")
+        return deny(403, f"anonymizing by {target} is not allowed for client {policy.client}", Reason.ANONYMIZE_NOT_ALLOWED)
     return Decision.ok(f"anonymize {target} allowed")
 
 

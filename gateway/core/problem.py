@@ -11,6 +11,14 @@ from http import HTTPStatus
 
 CONTENT_TYPE = "application/problem+json"
 TYPE_BASE = "urn:gateway:problem:"
+# The kind of problem (its `type`) of each status the gateway answers with.
+SLUGS = {400: "bad-request", 403: "forbidden", 404: "not-found", 408: "request-timeout", 413: "body-too-large",
+         415: "unsupported-media-type", 417: "expectation-failed", 429: "rate-limited", 500: "internal",
+         502: "bad-gateway", 503: "unavailable", 504: "gateway-timeout", 505: "http-version-not-supported"}
+
+
+def slug_of(status: int) -> str:
+    return SLUGS.get(status, "denied" if 400 <= status < 500 else "error")
 
 
 def problem(status: int, slug: str, detail: str, request_id: str | None = None, **extra) -> dict:

@@ -1,19 +1,17 @@
-"""Rate limits: GCRA arithmetic, and the in-memory storage.
+"""Rate limits: GCRA arithmetic (the storages are shell/limits.py and shell/limits_redis.py).
 
 Each limit is a generic cell rate: `rate` requests a second on average with
 bursts of up to `burst`. Its whole state is one number, the theoretical
 arrival time (TAT). A request is checked against the client's limit and the
 operation's limit together and counts against both only when both allow it.
-The arithmetic is plain functions, shared by the memory storage here and the
-Redis script in ratelimit_redis.py, which does the same sums inside Redis.
+The arithmetic is plain functions, used by the memory storage and mirrored by
+the Redis script, which does the same sums inside Redis.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
 
 from gateway.core.operations import Operation
 from gateway.core.policy import Policy, Rate
@@ -83,52 +81,3 @@ def limits_for(policy: Policy, operation: Operation) -> list[tuple[str, Rate]]:
     if op_rate is not None:
         cells.append((f"{policy.client}:{operation.value}", op_rate))
     return cells
-
-
-class Storage(Protocol):
-    async def check(self, cells: list[tuple[str, Rate]]) -> Verdict: ...
-
-    async def ping(self) -> None: ...
-
-    async def close(self) -> None: ...
-
-
-class MemoryStorage:
-    """Limits kept in this process: right for one gateway process on one machine."""
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic, max_keys: int = 100_000):
-        self.clock, self.max_keys = clock, max_keys
-        self._tats: dict[str, float] = {}
-
-    def check_now(self, cells: list[tuple[str, Rate]]) -> Verdict:
-        now = self.clock()
-        verdict, tats = combine(now, [(self._tats.get(key, now), rate) for key, rate in cells])
-        if verdict.allowed:
-            if len(self._tats) >= self.max_keys:
-                self._forget_idle(now)
-            for (key, _), tat in zip(cells, tats):
-                self._tats[key] = tat
-        return verdict
-
-    async def check(self, cells: list[tuple[str, Rate]]) -> Verdict:
-        return self.check_now(cells)
-
-    def _forget_idle(self, now: float) -> None:
-        for key in [k for k, tat in self._tats.items() if tat <= now]:
-            del self._tats[key]
-
-    async def ping(self) -> None:
-        return None
-
-    async def close(self) -> None:
-        return None
-
-
-def storage_from_url(url: str) -> Storage:
-    if url == "memory":
-        return MemoryStorage()
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        from gateway.shell.limits_redis import RedisStorage
-
-        return RedisStorage(url)
-    raise ValueError(f"rate_limit.storage must be memory or a redis:// URL, not {url!r}")

@@ -33,3 +33,13 @@ def strict_json(text: str) -> Any:
         except UnicodeEncodeError:
             raise ValueError("a string holds a lone surrogate") from None
     return value
+
+
+def json_value(text: str | Exception) -> Any:
+    """A field's JSON value, or the Exception that says why it has none."""
+    if isinstance(text, Exception):
+        return text
+    try:
+        return strict_json(text)
+    except (ValueError, RecursionError) as exc:
+        return ValueError(str(exc))

@@ -10,75 +10,35 @@ connection and is only cleared by a complete request).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
+import contextlib
 import logging
 import resource
 import signal
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Callable
 
 from aiohttp import web
 
-from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
-from gateway.runtime.admin import admin_app, readiness
 from gateway.core.errors import SettingsError, StartError
-from gateway.shell.settings import Config, load_config
-from gateway.runtime.reloading import fingerprint, merge
-from gateway.shell.settings import load_policies
-from gateway.runtime.pipeline import Gateway, Pipeline
-from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event
-from gateway.core.credentials import Trust
+from gateway.runtime.admin import admin_app, readiness
 from gateway.runtime.embedded import TICK_S, EmbeddedReference
-from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale, expiry, load_trust, server_context
-from gateway.shell.listener import ConnectionGate, ContextHolder, TLSSite
-from gateway.core.audit import Redactor
-from gateway.shell.audit_writer import AuditWriter, load_key, redaction_key
-from gateway.shell.metrics import Metrics
-from gateway.core.ratelimit import Storage, storage_from_url
-from gateway.shell.token import TokenIssuer, load_or_create_key
-from gateway.shell.upstream import Upstream
+from gateway.runtime.pipeline import Pipeline
+from gateway.runtime.reloading import fingerprint, merge
+from gateway.runtime.services import open_services
+from gateway.runtime.snapshot import Gateway, build_snapshot
 from gateway.runtime.workers import READY_EVERY_S, write_readiness
+from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
+from gateway.shell.listener import ConnectionGate, ContextHolder, TLSSite
+from gateway.shell.metrics import Metrics
+from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event
+from gateway.shell.settings import Config, load_config
+from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale
 
 log = logging.getLogger("gateway")
 
 
 READINESS_INTERVAL_S = 5.0
-
-
-
-def build_gateway(config: Config, upstream: Upstream, metrics: Metrics, audit: AuditWriter | None,
-                  limiter: Storage | None) -> Gateway:
-    """Everything the pipeline needs, checked; raises StartError with one line."""
-    if not config.policies.is_dir():
-        raise StartError(f"{config.file}: policies: {config.policies} is not a folder of policy files")
-    try:
-        policies = load_policies(config.policies)
-    except SettingsError as exc:
-        raise StartError(str(exc)) from None
-    tokens = None
-    if config.identity_token is not None:
-        if config.identity_token.key is None:
-            raise StartError(f"{config.file}: identity_token.key: is required")
-        try:
-            key = load_or_create_key(config.identity_token.key)
-            tokens = TokenIssuer(key, config.identity_token.audience, config.identity_token.ttl_s)
-        except (OSError, ValueError) as exc:
-            raise StartError(f"{config.file}: identity_token.key: {exc}") from None
-    return Gateway(config=config, policies=policies, upstream=upstream, tokens=tokens, metrics=metrics,
-                   audit=audit, limiter=limiter)
-
-
-def load_tls(config: Config) -> tuple[ssl.SSLContext, CRLFacts | None, Trust]:
-    """The TLS context, what the CRL says, and the trust requests are checked against; StartError with one line."""
-    try:
-        crl = check_crl(config)
-        return server_context(config), crl, load_trust(config, crl)
-    except SettingsError as exc:
-        raise StartError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise StartError(str(SettingsError(config.file, "tls", str(exc)))) from None
 
 
 def note_crl(facts: CRLFacts | None) -> None:
@@ -87,35 +47,12 @@ def note_crl(facts: CRLFacts | None) -> None:
               detail="the CRL is past its nextUpdate: every client is refused until a fresh CRL is loaded (SIGHUP)")
 
 
-def audit_writer(config: Config, metrics: Metrics, worker: int | None = None) -> AuditWriter:
-    """The audit writer; each worker process keeps a chain (and file) of its own: PATH.wN."""
-    try:
-        key = load_key(config.audit.key_file)
-    except (OSError, ValueError) as exc:
-        raise StartError(f"{config.file}: audit.key_file: {exc}") from None
-    path = config.audit.path
-    if worker is not None:
-        path = path.with_name(f"{path.name}.w{worker}")
-    redactor = Redactor(config.audit.redact, redaction_key(config.audit.path, key)) if config.audit.redact else None
-    return AuditWriter(path, key, redactor, config.audit.sync, on_written=metrics.audit_records.inc,
-                       on_dropped=metrics.audit_dropped.inc)
-
-
-def limiter_storage(config: Config) -> Storage | None:
-    try:
-        return storage_from_url(config.rate_limit.storage)
-    except ValueError as exc:
-        raise StartError(f"{config.file}: {exc}") from None
-
-
 @dataclass
 class Running:
     config: Config
     pipeline: Pipeline
     contexts: ContextHolder
-    runner: web.BaseRunner
-    admin_runner: web.AppRunner | None
-    reference: EmbeddedReference | None
+    stack: contextlib.AsyncExitStack    # closes what start opened, in reverse order
     handshakes: Summary
     tasks: list[asyncio.Task]
     watched: str = ""             # the fingerprint of the watched files at the last (re)load
@@ -128,72 +65,69 @@ class Running:
 
 async def start(config: Config, reuse_port: bool = False, worker: int | None = None,
                 clock: Callable[[], float] = time.time) -> Running:
-    """Start serving; `clock` is the wall clock certificates and CRLs are checked against on each request."""
+    """Start serving; `clock` is the wall clock certificates and CRLs are checked against on each request.
+
+    Everything opened here is entered on an AsyncExitStack, so that stop(), or a failure half-way
+    through start, closes it all in reverse order: the front door stops (draining requests in
+    flight) before the audit log, the upstream, the rate-limit storage and the embedded API close.
+    """
+    snap = build_snapshot(config)
     metrics = Metrics()
-    ctx, crl, trust = load_tls(config)
-    contexts = ContextHolder(ctx)
-    metrics.set_expiry(expiry(config).times)
-    note_crl(crl)
-    reference = None
-    upstream_url = config.upstream.url
-    if upstream_url == "embedded":
-        reference = EmbeddedReference(config, on_restart=metrics.upstream_restarts.inc)
-        upstream_url = reference.url
-    limiter = limiter_storage(config)
-    audit = audit_writer(config, metrics, worker)
-    gateway = build_gateway(config, Upstream(upstream_url, config.upstream.timeout_s,
-                                                 keepalive_s=config.upstream.keepalive_s,
-                                                 max_connections=config.upstream.max_connections), metrics, audit, limiter)
-    gateway.trust, gateway.tls_context, gateway.clock = trust, ctx, clock
-    metrics.init_clients([p.client for p in gateway.policies.policies])
-    if reference is not None and worker is None:
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, reference.start)
-        except StartError as exc:
-            raise StartError(str(exc)) from None
-    else:
-        reference = None  # a worker's parent runs the embedded upstream
-    await audit.start()
-    pipeline = Pipeline(gateway)
-    # aiohttp's low-level server with one handler: no router, so nothing answers on the pipeline's behalf
+    metrics.set_expiry(snap.expiry)
+    metrics.init_clients([p.client for p in snap.policies.policies])
+    note_crl(snap.crl)
+    stack = contextlib.AsyncExitStack()
+    try:
+        gateway, reference = await open_services(stack, snap, metrics, worker, clock)
+        pipeline = Pipeline(gateway)
+        contexts = ContextHolder(snap.tls_context)
+        handshakes = Summary("handshake_failure")
+        running = Running(config, pipeline, contexts, stack, handshakes, [], worker=worker)
+        await _open_front_door(stack, running, metrics, reuse_port)
+        if worker is None:  # workers: the parent serves the admin port for all of them (workers.py)
+            admin = web.AppRunner(admin_app(pipeline), access_log=None, handle_signals=False)
+            await admin.setup()
+            stack.push_async_callback(admin.cleanup)
+            await web.TCPSite(admin, config.admin.host, config.admin.port, reuse_port=None).start()
+    except OSError as exc:
+        await stack.aclose()
+        raise StartError(f"cannot listen: {exc.strerror or exc}") from None
+    except BaseException:
+        await stack.aclose()
+        raise
+    running.tasks += [asyncio.create_task(_summaries(running), name="summaries"),
+                      asyncio.create_task(_readiness(running), name="readiness"),
+                      asyncio.create_task(_watch(running), name="watch-files")]
+    if reference is not None:
+        running.tasks.append(asyncio.create_task(_supervise(reference), name="supervise-upstream"))
+    stack.callback(lambda: [task.cancel() for task in running.tasks])
+    running.watched = fingerprint(config)
+    event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
+          admin=f"http://{config.admin.host}:{config.admin.port}", upstream=gateway.upstream.base_url,
+          clients=[p.client for p in snap.policies.policies], rate_limit=config.rate_limit.storage,
+          audit=str(gateway.audit.path) if gateway.audit else None, **({"worker": worker} if worker is not None else {}))
+    return running
+
+
+async def _open_front_door(stack: contextlib.AsyncExitStack, running: Running, metrics: Metrics,
+                           reuse_port: bool) -> None:
+    """aiohttp's low-level server with one handler: no router, so nothing answers on the pipeline's behalf."""
+    config, pipeline = running.config, running.pipeline
     front = web.Server(pipeline.handle, access_log=None, keepalive_timeout=config.limits.header_timeout_s,
                        auto_decompress=False)
     runner = web.ServerRunner(front, handle_signals=False, shutdown_timeout=config.limits.drain_timeout_s)
     await runner.setup()
+    stack.push_async_callback(runner.cleanup)
     runner.server.on_http_error = pipeline.http_error
-    handshakes = Summary("handshake_failure")
 
     def on_failure(reason: str, details: dict) -> None:
         metrics.handshake_failures.labels(reason).inc()
-        handshakes.add(reason, key=details.get("subject"), **details)
+        running.handshakes.add(reason, key=details.get("subject"), **details)
 
     gate = ConnectionGate(config.limits.max_connections, on_count=metrics.connections_open.set,
                           on_refused=metrics.connections_refused.labels("limit").inc)
-    site = TLSSite(runner, config.listen.host, config.listen.port, contexts, config.limits.header_timeout_s,
-                   on_failure, gate, reuse_port=reuse_port)
-    admin_runner = None
-    if worker is None:  # workers: the parent serves the admin port for all of them (workers.py)
-        admin_runner = web.AppRunner(admin_app(pipeline), access_log=None, handle_signals=False)
-        await admin_runner.setup()
-    running = Running(config, pipeline, contexts, runner, admin_runner, reference, handshakes, [], worker=worker)
-    try:
-        await site.start()
-        if admin_runner is not None:
-            await web.TCPSite(admin_runner, config.admin.host, config.admin.port, reuse_port=None).start()
-    except OSError as exc:
-        await stop(running, quiet=True)
-        raise StartError(f"cannot listen: {exc.strerror or exc}") from None
-    running.tasks.append(asyncio.create_task(_summaries(running), name="summaries"))
-    running.tasks.append(asyncio.create_task(_readiness(running), name="readiness"))
-    running.watched = fingerprint(config)
-    running.tasks.append(asyncio.create_task(_watch(running), name="watch-files"))
-    if reference is not None:
-        running.tasks.append(asyncio.create_task(_supervise(reference), name="supervise-upstream"))
-    event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
-          admin=f"http://{config.admin.host}:{config.admin.port}", upstream=upstream_url,
-          clients=[p.client for p in gateway.policies.policies], rate_limit=config.rate_limit.storage,
-          audit=str(audit.path), **({"worker": worker} if worker is not None else {}))
-    return running
+    await TLSSite(runner, config.listen.host, config.listen.port, running.contexts, config.limits.header_timeout_s,
+                  on_failure, gate, reuse_port=reuse_port).start()
 
 
 async def _summaries(running: Running) -> None:
@@ -229,30 +163,28 @@ async def _readiness(running: Running) -> None:
 
 
 def reload(running: Running) -> bool:
-    """SIGHUP (or a watched file changed): re-read config.yaml, build the new TLS context and policy
-    set aside, check them, then swap them in at once. Keys that need a restart are logged, not applied."""
+    """SIGHUP (or a watched file changed): re-read config.yaml and build the snapshot aside, as start
+    does, then swap it in at once. Keys that need a restart are logged, not applied."""
     gw = running.gateway
     try:
         config, applied, restart = merge(running.config, load_config(running.config.file))
-        ctx, crl, trust = load_tls(config)
-        policies = load_policies(config.policies)
-    except (StartError, SettingsError, SettingsError) as exc:
+        snap = build_snapshot(config)
+    except (StartError, SettingsError) as exc:
         gw.metrics.config_reloads.labels("error").inc()
         event("reload", result="error", error=str(exc), detail="the running configuration is kept")
         return False
     running.config = config
-    running.contexts.context = ctx  # new handshakes only; open connections keep theirs
-    running.pipeline.gateway = dataclasses.replace(gw, config=config, policies=policies, trust=trust,
-                                                   tls_context=ctx)
-    gw.metrics.set_expiry(expiry(config).times)
-    gw.metrics.init_clients([p.client for p in policies.policies])
+    running.contexts.context = snap.tls_context  # new handshakes only; open connections keep theirs
+    running.pipeline.gateway = gw.with_snapshot(snap)
+    gw.metrics.set_expiry(snap.expiry)
+    gw.metrics.init_clients([p.client for p in snap.policies.policies])
     gw.metrics.config_reloads.labels("ok").inc()
-    event("reload", result="ok", clients=[p.client for p in policies.policies],
-          revoked=len(crl.revoked) if crl else 0, **({"applied": applied} if applied else {}))
+    event("reload", result="ok", clients=[p.client for p in snap.policies.policies],
+          revoked=len(snap.crl.revoked) if snap.crl else 0, **({"applied": applied} if applied else {}))
     if restart:
         event("reload_needs_restart", keys=restart,
               detail="these keys changed in the config file but take effect only when the gateway restarts")
-    note_crl(crl)
+    note_crl(snap.crl)
     running.watched = fingerprint(config)
     return True
 
@@ -272,20 +204,8 @@ async def _watch(running: Running) -> None:
 
 
 async def stop(running: Running, quiet: bool = False) -> None:
-    """Stop accepting, let in-flight requests finish (limits.drain_timeout_s), flush the audit log."""
-    for task in running.tasks:
-        task.cancel()
-    gw = running.gateway
-    await running.runner.cleanup()
-    if running.admin_runner is not None:
-        await running.admin_runner.cleanup()
-    await gw.upstream.close()
-    if gw.audit is not None:
-        await gw.audit.close()
-    if gw.limiter is not None:
-        await gw.limiter.close()
-    if running.reference is not None:
-        running.reference.stop()
+    """Stop accepting, let in-flight requests finish (limits.drain_timeout_s), flush the audit log, close all."""
+    await running.stack.aclose()
     if not quiet:
         running.handshakes.flush()
         event("stop")

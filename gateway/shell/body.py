@@ -19,6 +19,7 @@ from aiohttp import BodyPartReader, MultipartReader
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
+from gateway.core.errors import Reason, Refusal
 from gateway.core.strictjson import strict_json
 
 MEMORY_THRESHOLD = 256 * 1024
@@ -32,12 +33,9 @@ MALFORMED = (ValueError, AssertionError, RuntimeError, KeyError, HttpProcessingE
 MAX_FIELD_BYTES = 64 * 1024
 
 
-class BodyRefused(Exception):
+def refuse(status: int, detail: str) -> Refusal:
     """The body cannot be inspected or is too large: 400, 413 or 415, never forwarded."""
-
-    def __init__(self, status: int, reason: str):
-        self.status, self.reason = status, reason
-        super().__init__(reason)
+    return Refusal(status, Reason.BODY_TOO_LARGE if status == 413 else Reason.BAD_BODY, detail)
 
 
 class Spool:
@@ -51,7 +49,7 @@ class Spool:
     def write(self, chunk: bytes) -> None:
         self.size += len(chunk)
         if self.size > self.limit:
-            raise BodyRefused(413, f"the body is larger than {self.limit} bytes")
+            raise refuse(413, f"the body is larger than {self.limit} bytes")
         self.file.write(chunk)
 
     async def fill(self, chunks: AsyncIterator[bytes]) -> "Spool":
@@ -133,14 +131,14 @@ def _size(f) -> int:
 
 def _check_part(part: Any) -> BodyPartReader:
     if not isinstance(part, BodyPartReader):
-        raise BodyRefused(400, "nested multipart parts are not accepted")
+        raise refuse(400, "nested multipart parts are not accepted")
     cte = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
     if cte not in IDENTITY_ENCODINGS:
-        raise BodyRefused(400, f"Content-Transfer-Encoding {cte!r} in a form part is not accepted")
+        raise refuse(400, f"Content-Transfer-Encoding {cte!r} in a form part is not accepted")
     if "Content-Encoding" in part.headers:
-        raise BodyRefused(400, "Content-Encoding in a form part is not accepted")
+        raise refuse(400, "Content-Encoding in a form part is not accepted")
     if part.name is None:
-        raise BodyRefused(400, "a form part has no name")
+        raise refuse(400, "a form part has no name")
     return part
 
 
@@ -154,7 +152,7 @@ async def form_fields(spool: Spool, content_type: str, wanted: tuple[str, ...]) 
             part = _check_part(part)
             parts += 1
             if parts > MAX_PARTS:
-                raise BodyRefused(400, f"the form has more than {MAX_PARTS} parts")
+                raise refuse(400, f"the form has more than {MAX_PARTS} parts")
             keep = part.name in wanted
             data = bytearray()
             while chunk := await part.read_chunk(CHUNK):
@@ -164,27 +162,17 @@ async def form_fields(spool: Spool, content_type: str, wanted: tuple[str, ...]) 
                 if keep:
                     data += chunk
                     if len(data) > MAX_FIELD_BYTES:
-                        raise BodyRefused(400, f"{part.name}: is too long")
+                        raise refuse(400, f"{part.name}: is too long")
             if keep:
                 try:
                     fields.setdefault(part.name, []).append(data.decode("utf-8"))
                 except UnicodeDecodeError as exc:
                     fields.setdefault(part.name, []).append(exc)
-    except BodyRefused:
+    except Refusal:
         raise
     except MALFORMED as exc:
-        raise BodyRefused(400, f"the multipart body is malformed ({type(exc).__name__})") from None
+        raise refuse(400, f"the multipart body is malformed ({type(exc).__name__})") from None
     return fields
-
-
-def json_value(text: str | Exception) -> Any:
-    """A field's JSON value, or the Exception that says why it has none."""
-    if isinstance(text, Exception):
-        return text
-    try:
-        return strict_json(text)
-    except (ValueError, RecursionError) as exc:
-        return ValueError(str(exc))
 
 
 async def anonymize_fields(spool: Spool, content_type: str, mimetype: str) -> dict[str, list[Any]]:
@@ -202,7 +190,7 @@ async def anonymize_fields(spool: Spool, content_type: str, mimetype: str) -> di
             pairs = parse_qsl(data.decode("ascii"), keep_blank_values=True, strict_parsing=bool(data),
                               encoding="utf-8", errors="strict", max_num_fields=32)
         except (UnicodeDecodeError, ValueError):
-            raise BodyRefused(400, "the form body is malformed") from None
+            raise refuse(400, "the form body is malformed") from None
         fields: dict[str, list[Any]] = {}
         for name, value in pairs:
             fields.setdefault(name, []).append(value)
@@ -211,11 +199,11 @@ async def anonymize_fields(spool: Spool, content_type: str, mimetype: str) -> di
         try:
             value = strict_json(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError):
-            raise BodyRefused(400, "the body is not valid JSON") from None
+            raise refuse(400, "the body is not valid JSON") from None
         if not isinstance(value, dict):
-            raise BodyRefused(400, "the body must be a JSON object")
+            raise refuse(400, "the body must be a JSON object")
         return {k: [v] for k, v in value.items()}
-    raise BodyRefused(415, "the body must be multipart/form-data, application/x-www-form-urlencoded or JSON")
+    raise refuse(415, "the body must be multipart/form-data, application/x-www-form-urlencoded or JSON")
 
 
 async def _part_names(spool: Spool, content_type: str) -> set[str]:
@@ -227,8 +215,8 @@ async def _part_names(spool: Spool, content_type: str) -> set[str]:
             names.add(_check_part(part).name)
             parts += 1
             if parts > MAX_PARTS:
-                raise BodyRefused(400, f"the form has more than {MAX_PARTS} parts")
+                raise refuse(400, f"the form has more than {MAX_PARTS} parts")
             await part.release()
     except MALFORMED as exc:
-        raise BodyRefused(400, f"the multipart body is malformed ({type(exc).__name__})") from None
+        raise refuse(400, f"the multipart body is malformed ({type(exc).__name__})") from None
     return names

@@ -60,6 +60,20 @@ class Metrics:
         self.connections_refused.labels("limit")
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r, multiprocess_mode="livemin")
 
+    def observe(self, ex) -> None:
+        """Count a finished exchange (core.exchange.Exchange): the one place that knows the labels."""
+        op = ex.operation or "none"
+        self.requests.labels(ex.client, op, str(ex.status)).inc()
+        self.duration.labels(op).observe(ex.duration)
+        if ex.decision == "deny":
+            self.denied.labels(ex.client, ex.code or "denied").inc()
+        if ex.would_deny:
+            self.would_deny.labels(ex.client, ex.would_deny).inc()
+        if ex.code == "rate_limited":
+            self.rate_limited.labels(ex.client, op).inc()
+        if ex.upstream_seconds is not None:
+            self.upstream_duration.labels(op).observe(ex.upstream_seconds)
+
     def init_clients(self, clients: list[str]) -> None:
         """Create every series whose labels are known up front, so that each exists from the first scrape."""
         operations = [op.value for op in Operation] + ["none"]

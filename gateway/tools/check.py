@@ -17,16 +17,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.shell.audit_writer import load_key
+from gateway.core.decide import UNKNOWN, NeedFields, evaluate, run
 from gateway.core.errors import SettingsError
-from gateway.shell.settings import Config, load_config
 from gateway.core.identity import Identity, identity_from_der
-from gateway.shell.body import json_value
-from gateway.core.operations import ORDER_SCOPED, Operation, route
-from gateway.core.policy import (
-    Decision, PolicySet, decide_anonymize, decide_operation, decide_order_scope, decide_solicitor,
-)
-from gateway.shell.settings import check_policies, load_policies
-from gateway.core.ratelimit import storage_from_url
+from gateway.core.operations import route
+from gateway.core.policy import PolicySet
+from gateway.core.strictjson import json_value
+from gateway.shell.limits import storage_from_url
+from gateway.shell.settings import Config, check_policies, load_config, load_policies
 from gateway.shell.tls import check_crl, crl_is_stale, server_context
 from gateway.shell.token import TokenIssuer, load_or_create_key
 from gateway.core.x509_rules import broken_rules
@@ -169,7 +167,7 @@ class Explanation:
 
 def explain(config_file: str | None, cert_pem: Path, method: str, path: str,
             form: list[tuple[str, str]]) -> Explanation:
-    """What the gateway would decide, without sending anything."""
+    """What the gateway would decide, without sending anything: core.decide driven with --form values."""
     config = load_config(config_file)
     policies: PolicySet = load_policies(config.policies)
     identity = _identity(cert_pem)
@@ -187,35 +185,25 @@ def explain(config_file: str | None, cert_pem: Path, method: str, path: str,
     fields: dict[str, list[str]] = {}
     for name, value in form:
         fields.setdefault(name, []).append(value)
-    decision = decide_operation(policy, rt.operation)
-    if decision.allow:
-        decision, note = _decide_facts(policy, rt.operation, fields)
-        if note:
-            lines.append(note)
-    if not decision.allow and policy.mode == "report" and decision.status in (403, 404):
-        lines.append(f"decision: allow (report mode; would deny {decision.status}: {decision.reason})")
-        return Explanation(lines, True)
-    verdict = "allow" if decision.allow else f"deny {decision.status}"
-    lines.append(f"decision: {verdict}: {decision.reason}")
-    return Explanation(lines, decision.allow)
 
-
-def _decide_facts(policy, operation: Operation, fields: dict[str, list[str]]) -> tuple[Decision, str | None]:
-    solicitors = ", ".join(f"{s.source}:{s.identifier}" for s in policy.solicitors) or "none"
-    if operation is Operation.CREATE_ORDER:
-        values = [json_value(v) for v in fields.get("solicitor", [])]
-        return decide_solicitor(policy, values), None
-    if operation is Operation.ANONYMIZE_USER:
-        return decide_anonymize(policy, fields), None
-    if operation in ORDER_SCOPED:
-        given = fields.get("solicitor")
+    def answer(need):
+        if isinstance(need, NeedFields):
+            return {k: v for k, v in fields.items() if need.names is None or k in need.names}
+        given = fields.get("solicitor")  # NeedOrderSolicitor: --form solicitor=JSON stands for the order's
         if not given:
-            return Decision.ok("allowed if the order's solicitor is one of: " + solicitors), (
-                "order scope: the order's solicitor is looked up from the upstream at request time; "
-                "give it with --form solicitor=JSON to check it here")
+            lines.append("order scope: the order's solicitor is looked up from the upstream at request time; "
+                         "give it with --form solicitor=JSON to check it here")
+            return UNKNOWN
         value = json_value(given[0])
-        return decide_order_scope(policy, value if isinstance(value, dict) else None), None
-    return Decision.ok(), None
+        return value if isinstance(value, dict) else None
+
+    verdict = run(evaluate(policy, rt), answer)
+    if verdict.would_deny:
+        lines.append(f"decision: allow (report mode; would deny {verdict.would_deny_status}: "
+                     f"{verdict.reason.removeprefix('would deny: ')})")
+        return Explanation(lines, True)
+    lines.append(f"decision: {'allow' if verdict.allow else f'deny {verdict.status}'}: {verdict.reason}")
+    return Explanation(lines, verdict.allow)
 
 
 def _identity(cert_pem: Path) -> Identity:

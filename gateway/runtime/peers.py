@@ -1,0 +1,83 @@
+"""Who is on a connection, checked on every request: the client certificate and whether it still holds.
+
+The certificate is parsed once a connection; its standing (core.credentials) is
+rebuilt once a trust generation (a reload makes a new one), so each request
+costs a dictionary look-up and three comparisons.
+"""
+
+from __future__ import annotations
+
+import ssl
+import weakref
+from typing import Any
+
+from cryptography import x509
+
+from gateway.core.credentials import Standing, Trust
+from gateway.core.errors import Reason, Refusal
+from gateway.core.exchange import Exchange
+from gateway.core.identity import identity_from_der
+from gateway.core.policy import Policy
+from gateway.runtime.snapshot import Gateway
+from gateway.shell.compat import verified_chain
+
+
+class Peer:
+    """A connection's client certificate: parsed once, its standing rebuilt once per trust generation."""
+
+    __slots__ = ("identity", "cert", "presented", "handshake_context", "_trust", "_standing", "__weakref__")
+
+    def __init__(self, der: bytes, chain: list[bytes], handshake_context: ssl.SSLContext | None):
+        self.identity = identity_from_der(der)
+        self.cert = x509.load_der_x509_certificate(der)
+        self.presented = tuple(x509.load_der_x509_certificate(c) for c in chain[1:])
+        self.handshake_context = handshake_context
+        self._trust: Trust | None = None
+        self._standing: Standing | None = None
+
+    def standing(self, gw: Gateway) -> Standing | None:
+        if gw.trust is None:
+            return None
+        if self._trust is not gw.trust:
+            self._standing = gw.trust.standing(self.cert, self.presented, self.handshake_context is gw.tls_context)
+            self._trust = gw.trust
+        return self._standing
+
+
+_peers: "weakref.WeakKeyDictionary[Any, Peer]" = weakref.WeakKeyDictionary()
+
+
+def peer_of(transport) -> Peer | None:
+    """The connection's verified client certificate (None when there is none), parsed once a connection."""
+    if transport is None:
+        return None
+    peer = _peers.get(transport)
+    if peer is None:
+        ssl_object = transport.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+        if not der:
+            return None
+        peer = _peers[transport] = Peer(der, verified_chain(ssl_object), transport.get_extra_info("sslcontext"))
+    return peer
+
+
+def admit_peer(gw: Gateway, transport, ex: Exchange) -> Policy:
+    """Identity first, on every request: a certificate that still holds and maps to one policy, else 403.
+
+    A certificate that no longer holds (expired, revoked, its CRL stale, its CA no
+    longer trusted) also closes the connection, so a resumed session cannot linger.
+    """
+    peer = peer_of(transport)
+    if peer is None:
+        raise Refusal(403, Reason.NO_CERTIFICATE, "no verified client certificate", close=True)
+    ex.identity = peer.identity
+    policy, why = gw.policies.find(peer.identity)
+    if policy is not None:
+        ex.client = policy.client  # named in the audit line and metrics even when refused below
+    standing = peer.standing(gw)
+    problem = standing.problem(gw.clock()) if standing is not None else None
+    if problem is not None:
+        raise Refusal(403, Reason(problem.code), problem.reason, close=True)
+    if policy is None:
+        raise Refusal(403, Reason.UNKNOWN_CLIENT, why)
+    return policy

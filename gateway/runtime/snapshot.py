@@ -1,0 +1,78 @@
+"""What the pipeline works with, replaced whole on reload: the settings snapshot and the services.
+
+`build_snapshot(config)` reads and checks everything a reload may change (TLS
+context, trust, policies, expiry times) and is used by start and reload alike,
+so the two cannot build them differently. The services (upstream, order
+look-ups, audit writer, rate-limit storage, metrics, tokens) live as long as
+the process and are carried from one Gateway to the next.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from gateway.core.credentials import Trust
+from gateway.core.errors import SettingsError, StartError
+from gateway.core.policy import PolicySet
+from gateway.shell.audit_writer import AuditWriter
+from gateway.shell.limits import Storage
+from gateway.shell.metrics import Metrics
+from gateway.shell.orders import Orders
+from gateway.shell.settings import Config, load_policies
+from gateway.shell.tls import CRLFacts, check_crl, expiry, load_trust, server_context
+from gateway.shell.token import TokenIssuer
+from gateway.shell.upstream import Upstream
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """Everything a reload rebuilds, checked before it is used."""
+
+    config: Config
+    tls_context: ssl.SSLContext
+    crl: CRLFacts | None
+    trust: Trust
+    policies: PolicySet
+    expiry: dict[str, float]
+
+
+def build_snapshot(config: Config) -> Snapshot:
+    """Read and check the TLS files and the policies of `config`; StartError with one line if unusable."""
+    if not config.policies.is_dir():
+        raise StartError(f"{config.file}: policies: {config.policies} is not a folder of policy files")
+    try:
+        crl = check_crl(config)
+        ctx = server_context(config)
+        trust = load_trust(config, crl)
+        policies = load_policies(config.policies)
+        times = expiry(config).times
+    except SettingsError as exc:
+        raise StartError(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise StartError(str(SettingsError(config.file, "tls", str(exc)))) from None
+    return Snapshot(config, ctx, crl, trust, policies, times)
+
+
+@dataclass
+class Gateway:
+    """One consistent view for a request: a snapshot's settings, and the long-lived services."""
+
+    config: Config
+    policies: PolicySet
+    upstream: Upstream
+    orders: Orders
+    tokens: TokenIssuer | None
+    metrics: Metrics
+    audit: AuditWriter | None = None
+    limiter: Storage | None = None
+    trust: Trust | None = None                 # client CAs and CRLs in force: checked on every request
+    tls_context: ssl.SSLContext | None = None  # the context new handshakes get (the trust's generation)
+    clock: Callable[[], float] = time.time
+
+    def with_snapshot(self, snap: Snapshot) -> "Gateway":
+        from dataclasses import replace
+
+        return replace(self, config=snap.config, policies=snap.policies, trust=snap.trust, tls_context=snap.tls_context)
