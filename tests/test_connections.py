@@ -137,7 +137,7 @@ class ForgetfulUpstream:
                 await reader.readexactly(length)
                 if time.monotonic() - last > 1.0:
                     return  # idle too long: closed without an answer
-                if self.slow:
+                if self.slow and head.startswith(b"POST "):  # the gateway's readiness probe is not slowed
                     await asyncio.sleep(self.slow)
                 self.answered += head.startswith(b"POST ")  # not the gateway's readiness probe
                 writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n\r\nok")

@@ -7,12 +7,21 @@ keeps dying, back to 0.5 s once it has stayed up 10 s), and each exit and
 restart is logged and counted. Requests meanwhile get a prompt 502: nothing
 listens on the port, so the connection is refused.
 
-`tick()` is the whole supervisor: it is called every 0.1 s by the gateway's
-event loop, or by the `--workers` parent's loop, and never blocks.
+`supervise()` runs in the gateway's event loop (or the `--workers` parent's): every
+0.1 s `tick()` reaps and restarts without blocking, and every 5 s a health probe
+checks that the child still answers; a child that misses three probes in a row
+(hung, stopped) is killed and restarted like one that exited. The child is
+started with PR_SET_PDEATHSIG, so it dies with the gateway even when the gateway
+is killed, and the gateway refuses to start when something already serves
+`reference_api.listen` (it would be an upstream nobody supervises).
 """
 
 from __future__ import annotations
 
+import asyncio
+import ctypes
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +36,30 @@ from gateway.shell.oplog import event
 MIN_BACKOFF_S = 0.5
 MAX_BACKOFF_S = 10.0
 TICK_S = 0.1
+PROBE_EVERY_S = 5.0
+PROBE_TIMEOUT_S = 2.0
+UNANSWERED_PROBES = 3
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the gateway dies, even by SIGKILL, so no child outlives it."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):  # not Linux: the gateway's own stop() is what ends the child
+        pass
+
+
+async def supervise(reference: "EmbeddedReference") -> None:
+    """Reap and restart the child whenever it exits (tick), and kill it when it stops answering (probe)."""
+    next_probe = time.monotonic() + PROBE_EVERY_S
+    while True:
+        reference.tick()
+        if time.monotonic() >= next_probe:
+            next_probe = time.monotonic() + PROBE_EVERY_S
+            reference.probed(await reference.probe())
+        await asyncio.sleep(TICK_S)
 
 
 
@@ -57,17 +90,35 @@ class EmbeddedReference:
         self._started_at = 0.0
         self._restart_at: float | None = None
         self._stopping = False
+        self._failed_probes = 0
 
     def _spawn(self) -> None:
+        """Start the child from the calling thread (the loop's): it is told to die with this process."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "reference-api", "-c", str(self.config.file)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
         )
         self._started_at = self.clock()
+        self._failed_probes = 0
+
+    def spawn_first(self) -> None:
+        """The first start, part one (in the loop's thread): refuse a port something else already serves."""
+        host, port = parse_host_port(self.config.reference_api.listen, self.config.file, "reference_api.listen")
+        try:
+            with socket.create_connection((host, port), timeout=1):
+                pass
+        except OSError:
+            pass  # nothing listens: the port is ours to take
+        else:
+            raise StartError(f"{self.config.file}: reference_api.listen: {host}:{port} is already in use "
+                             "(an embedded API left by a gateway that did not stop cleanly?); "
+                             "the gateway would be talking to a process it does not supervise")
+        self._spawn()
 
     def start(self, deadline_s: float = 30.0) -> None:
-        """The first start: wait until it answers, or raise StartError with its last words."""
-        self._spawn()
+        """The first start: spawn (unless spawn_first did) and wait until it answers, or raise StartError."""
+        if self.proc is None:
+            self.spawn_first()
         deadline = time.monotonic() + deadline_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -81,6 +132,32 @@ class EmbeddedReference:
                 time.sleep(0.05)
         self.stop()
         raise StartError(f"the embedded reference API did not answer on {self.url} within {deadline_s:.0f}s")
+
+    def probed(self, answered: bool) -> None:
+        """The result of a health probe of the running child; three misses in a row and it is killed
+        (a hung child answers nobody and never exits), which tick() then treats as any exit."""
+        if self._stopping or self.proc is None or self._restart_at is not None:
+            return
+        self._failed_probes = 0 if answered else self._failed_probes + 1
+        if self._failed_probes >= UNANSWERED_PROBES and self.proc.poll() is None:
+            event("upstream_unresponsive", pid=self.proc.pid, probes=self._failed_probes,
+                  detail="the embedded reference API stopped answering; it is killed and restarted")
+            self.proc.kill()
+            self._failed_probes = 0
+
+    async def probe(self, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+        """GET /healthz of the child: True when it answers at all."""
+        host, port = parse_host_port(self.config.reference_api.listen, self.config.file, "reference_api.listen")
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(host, port)
+                try:
+                    writer.write(b"GET /healthz HTTP/1.1\r\nHost: embedded\r\nConnection: close\r\n\r\n")
+                    return (await reader.readline()).startswith(b"HTTP/1.")
+                finally:
+                    writer.close()
+        except (OSError, TimeoutError):
+            return False
 
     @staticmethod
     def _pass_stderr_on(proc: subprocess.Popen) -> None:

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from gateway.core.errors import SettingsError, StartError
 from gateway.runtime.admin import admin_app, readiness
-from gateway.runtime.embedded import TICK_S, EmbeddedReference
+from gateway.runtime.embedded import supervise
 from gateway.runtime.pipeline import Pipeline
 from gateway.runtime.reloading import fingerprint, merge
 from gateway.runtime.services import open_services
@@ -99,7 +99,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
                       asyncio.create_task(_readiness(running), name="readiness"),
                       asyncio.create_task(_watch(running), name="watch-files")]
     if reference is not None:
-        running.tasks.append(asyncio.create_task(_supervise(reference), name="supervise-upstream"))
+        running.tasks.append(asyncio.create_task(supervise(reference), name="supervise-upstream"))
     stack.callback(lambda: [task.cancel() for task in running.tasks])
     running.watched = fingerprint(config)
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
@@ -136,17 +136,11 @@ async def _summaries(running: Running) -> None:
         await asyncio.sleep(SUMMARY_INTERVAL_S)
         running.handshakes.flush()
         running.pipeline.upstream_errors.flush()
+        running.pipeline.unsent.flush()
         try:
             note_crl(check_crl(running.config))
         except (SettingsError, OSError, ValueError):
             pass
-
-
-async def _supervise(reference: EmbeddedReference) -> None:
-    """Reap and restart the embedded reference API whenever it exits (see embedded.py)."""
-    while True:
-        reference.tick()
-        await asyncio.sleep(TICK_S)
 
 
 async def _readiness(running: Running) -> None:

@@ -81,6 +81,7 @@ class Pipeline:
     def __init__(self, gateway: Gateway):
         self.gateway = gateway
         self.upstream_errors = Summary("upstream_error")
+        self.unsent = Summary("answer_not_sent")   # answers held back because their audit line failed
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         gw = self.gateway  # one consistent view for the whole request, even across a reload
@@ -140,6 +141,12 @@ class Pipeline:
         if not request.content.is_eof() or ex.close:
             response.force_close()  # a refused body is not read on just to reuse the connection
         ex.bytes_out, ex.complete = len(response.body), True
+        if request.transport is None or request.transport.is_closing():
+            # the client left while its answer was made (the upstream may have acted all the same)
+            ex.reason = f"the client closed the connection before its answer (status {ex.status} was not sent)"
+            ex.refused(499, Reason.CLIENT_GONE, ex.reason)
+            self._unanswered(gw, ex)
+            return response
         if not await self._answered(gw, request, ex):
             return response  # its line could not be written: the connection is closed, nothing is sent
         if ex.waiting and not request.content.is_eof():
@@ -185,13 +192,13 @@ class Pipeline:
         if ex.code is Reason.AUDIT_UNAVAILABLE:
             # The one answer that cannot wait for its line: the log is what is broken. Its line is
             # queued and written, in chain order, once the log can be written again.
-            gw.audit.submit(record)
+            gw.audit.submit(record, summarisable=True)
             return True
         try:
             await gw.audit.commit(record, min(gw.config.limits.request_timeout_s, AUDIT_WAIT_S))
             return True
         except AuditUnavailable as exc:
-            log.error("audit: no answer sent to request %s: %s", ex.request_id, exc)
+            self.unsent.add("audit_unavailable", detail=f"an answer was not sent: {exc}")
             ex.complete, ex.bytes_out = False, 0
             ex.reason = "not sent: its audit line could not be written"
             gw.audit.submit(completed(ex, time.time(), ex.duration))
@@ -383,8 +390,8 @@ class Pipeline:
             if not await self._answered(gw, request, ex):
                 return response
             ex.bytes_out = 0
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 async for chunk in upstream.iter_chunks(CHUNK):
                     ex.bytes_out += len(chunk)
                     await response.write(chunk)

@@ -66,8 +66,9 @@ async def open_services(stack: contextlib.AsyncExitStack, snap: Snapshot, metric
         embedded = EmbeddedReference(config, on_restart=metrics.upstream_restarts.inc)
         upstream_url = embedded.url
         if worker is None:  # a worker's parent runs the embedded upstream
-            await asyncio.get_running_loop().run_in_executor(None, embedded.start)
+            embedded.spawn_first()  # from this thread: the child's death signal is tied to it
             stack.callback(embedded.stop)
+            await asyncio.get_running_loop().run_in_executor(None, embedded.start)
             reference = embedded
     upstream = Upstream(upstream_url, config.upstream.timeout_s, keepalive_s=config.upstream.keepalive_s,
                         max_connections=config.upstream.max_connections)

@@ -117,13 +117,14 @@ async def _parent(config: Config, workers: int) -> None:
     from prometheus_client import multiprocess
 
     from gateway.runtime.admin import parent_admin_app
-    from gateway.runtime.embedded import TICK_S, EmbeddedReference
+    from gateway.runtime.embedded import EmbeddedReference, supervise
     from gateway.shell.metrics import Metrics
     metrics = Metrics()
     reference = None
     if config.upstream.url == "embedded":
         reference = EmbeddedReference(config, on_restart=metrics.upstream_restarts.inc)
         try:
+            reference.spawn_first()  # from this thread: the child's death signal is tied to it
             await asyncio.get_running_loop().run_in_executor(None, reference.start)
         except StartError as exc:
             raise StartError(str(exc)) from None
@@ -154,11 +155,12 @@ async def _parent(config: Config, workers: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, forward, sig)
     event("workers", count=workers, admin=f"http://{config.admin.host}:{config.admin.port}")
+    supervisor = asyncio.create_task(supervise(reference)) if reference is not None else None
     try:
         while procs:
-            await asyncio.sleep(TICK_S)
-            if reference is not None and not stopping:
-                reference.tick()  # reap and restart the embedded upstream when it exits
+            await asyncio.sleep(0.1)
+            if supervisor is not None and stopping:
+                supervisor.cancel()  # the embedded upstream is not restarted while the workers stop
             for i, proc in list(procs.items()):
                 code = proc.poll()
                 if code is None:
@@ -174,6 +176,8 @@ async def _parent(config: Config, workers: int) -> None:
                     event("worker_restart", worker=i, exit_code=code)
                     procs[i] = _spawn(config, i)
     finally:
+        if supervisor is not None:
+            supervisor.cancel()
         await admin.cleanup()
         if reference is not None:
             reference.stop()

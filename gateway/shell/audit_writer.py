@@ -27,13 +27,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal
+from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal, timestamp
 
 log = logging.getLogger("gateway.audit")
 RETRY_S = 1.0
 BATCH_INTERVAL_S = 0.01
 MAX_PENDING = 100_000
 TAIL_BYTES = 65536
+WRITE_CHUNK = 64 * 1024    # bytes a write+fsync at the most: a backlog goes out a chunk at a time
+SUMMARISE_AFTER = 1000     # queued records past which 503s of a broken log are counted, not kept
 
 
 class AuditUnavailable(Exception):
@@ -109,6 +111,14 @@ def move_torn_tail(path: Path, now: float) -> tuple[bytes, str] | None:
     return torn, aside.name
 
 
+class _Partial(OSError):
+    """A write that failed after `done` lines were on disk."""
+
+    def __init__(self, exc: OSError, done: int):
+        super().__init__(exc.errno, exc.strerror)
+        self.cause, self.done = exc, done
+
+
 class AuditWriter:
     def __init__(self, path: Path, key: bytes | None, redactor: Redactor | None, sync: str = "answer",
                  on_written: Callable[[int], None] = lambda n: None,
@@ -119,9 +129,11 @@ class AuditWriter:
         self.problem: str | None = None
         self.prev = GENESIS
         self._fd: int | None = None
+        self._chained = False   # the chain's head is known (read from the file): only then are lines sealed
+        self._replaced_after: str | None = None   # the last hash before the file was replaced under us
+        self._summarised: tuple[int, str | None, str | None] = (0, None, None)   # count, first ts, last ts
         self._pending: list[tuple[dict, asyncio.Future | None]] = []
-        self._sealed: list[bytes] = []              # sealed but not yet on disk
-        self._sealed_waiters: list[asyncio.Future] = []
+        self._sealed: list[tuple[bytes, asyncio.Future | None]] = []   # sealed, in order, not yet on disk
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -134,11 +146,13 @@ class AuditWriter:
     async def start(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._open()
-            self._continue_chain()
+            for record in self._prepare_file():
+                self._sealed.append((self._seal(record), None))
         except OSError as exc:
             self._fail(exc)
         self._task = asyncio.create_task(self._run(), name="audit-writer")
+
+    # -- the file and the head of its chain (run in a worker thread) ----------------------------
 
     def _open(self) -> None:
         if self._fd is not None:
@@ -146,25 +160,46 @@ class AuditWriter:
             self._fd = None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
-    def _continue_chain(self) -> None:
+    def _prepare_file(self) -> list[dict]:
+        """Open the log and learn the head of its chain before anything is sealed; the records that
+        must come first (a torn tail moved aside, a file replaced under us). Raises OSError."""
+        if self._fd is not None and self._chained:
+            if self.path.exists() and not self.path.is_file():
+                return []  # a device such as /dev/full: nothing to compare
+            try:
+                on_disk = os.stat(self.path)
+            except FileNotFoundError:
+                on_disk = None
+            mine = os.fstat(self._fd)
+            if on_disk is not None and (on_disk.st_ino, on_disk.st_dev) == (mine.st_ino, mine.st_dev):
+                return []
+            # Removed, renamed (logrotate) or replaced while we ran: the path starts a chain of its own,
+            # and its first record says where the last one ended, so neither file fails to verify.
+            log.warning("audit log %s was removed or replaced while the gateway ran; writing a new one", self.path)
+            self._replaced_after, self._chained = self.prev, False
+        self._open()
+        first = self._continue_chain()
+        self._chained = True
+        if self._replaced_after is not None:
+            first.append({"ts": timestamp(time.time()), "event": "reopened", "previous_hash": self._replaced_after,
+                          "reason": "the audit log file was removed, renamed or replaced while the gateway ran"})
+            self._replaced_after = None
+        return first
+
+    def _continue_chain(self) -> list[dict]:
         if not self.path.is_file():
-            return  # a device such as /dev/full has no chain to continue
+            return []  # a device such as /dev/full has no chain to continue
         moved = move_torn_tail(self.path, time.time())
         with open(self.path, "rb") as f:
             size = f.seek(0, os.SEEK_END)
             f.seek(max(0, size - TAIL_BYTES))
             tail = f.read()
         self.prev = last_hash(tail) or GENESIS
-        if moved is not None:
-            torn, name = moved
-            log.warning("audit log %s ended in a torn line (%d bytes): moved to %s", self.path, len(torn), name)
-            line, self.prev = seal(recovered(torn, name, time.time()), self.prev, self.key)
-            try:
-                self._write(line)
-            except OSError:
-                self._sealed.append(line)  # written with the first group that can be
-                raise
-            self.on_written(1)
+        if moved is None:
+            return []
+        torn, name = moved
+        log.warning("audit log %s ended in a torn line (%d bytes): moved to %s", self.path, len(torn), name)
+        return [recovered(torn, name, time.time())]
 
     def _fail(self, exc: OSError) -> None:
         problem = f"cannot write {self.path}: {exc.strerror or exc}"
@@ -172,13 +207,29 @@ class AuditWriter:
             log.error("audit: %s", problem)
         self.problem = problem
 
-    def submit(self, record: dict) -> None:
-        """Queue one record without waiting for it (a line that no answer waits on)."""
+    # -- queueing ------------------------------------------------------------------------------------
+
+    def _room(self) -> bool:
         if len(self._pending) + len(self._sealed) >= MAX_PENDING:
             self.on_dropped()
+            return False
+        return True
+
+    def submit(self, record: dict, summarisable: bool = False) -> None:
+        """Queue one record without waiting for it (a line that no answer waits on).
+
+        `summarisable` records (the 503s answered because the log cannot be written) are kept one
+        by one only up to SUMMARISE_AFTER queued records while the log is broken; past that they
+        are counted, and one "summarised" record says how many, so that the backlog stays small
+        enough to fit the room a full disk gets back.
+        """
+        if summarisable and not self.healthy and len(self._pending) + len(self._sealed) >= SUMMARISE_AFTER:
+            ts = record.get("ts")
+            self._summarised = (self._summarised[0] + 1, self._summarised[1] or ts, ts)
             return
-        self._pending.append((record, None))
-        self._wake.set()
+        if self._room():
+            self._pending.append((record, None))
+            self._wake.set()
 
     async def commit(self, record: dict, timeout_s: float | None) -> None:
         """Queue one record and, under `sync: answer`, return once its line is on disk.
@@ -189,8 +240,7 @@ class AuditWriter:
         if not self.durable:
             self.submit(record)
             return
-        if len(self._pending) + len(self._sealed) >= MAX_PENDING:
-            self.on_dropped()
+        if not self._room():
             raise AuditUnavailable("too many audit records are waiting to be written")
         done = asyncio.get_running_loop().create_future()
         self._pending.append((record, done))
@@ -212,6 +262,8 @@ class AuditWriter:
                                    self.prev, self.key)
         return line
 
+    # -- the writer ----------------------------------------------------------------------------------
+
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -227,41 +279,63 @@ class AuditWriter:
                 # batch: let records gather for fewer, larger writes and fsyncs
                 await asyncio.sleep(max(0.0, self._last_write + BATCH_INTERVAL_S - loop.time()))
             self._last_write = loop.time()
-            group, self._pending = self._pending, []
-            for record, done in group:
-                self._sealed.append(self._seal(record))
-                if done is not None:
-                    self._sealed_waiters.append(done)
-            if self._sealed:
-                data = b"".join(self._sealed)
-                try:
-                    await loop.run_in_executor(None, self._write, data)
-                except OSError as exc:
-                    self._fail(exc)
+            try:
+                first = await loop.run_in_executor(None, self._prepare_file)
+            except OSError as exc:
+                self._fail(exc)  # the records wait, unsealed, until the chain's head is known
+            else:
+                group, self._pending = self._pending, []
+                if self._summarised[0]:
+                    count, since, until = self._summarised
+                    self._summarised = (0, None, None)
+                    first.append({"ts": timestamp(time.time()), "event": "summarised", "count": count,
+                                  "from_ts": since, "to_ts": until, "status": 503, "reason":
+                                  "answers 503 (audit_unavailable) while the audit log could not be written, "
+                                  "counted here instead of one line each"})
+                self._sealed += [(self._seal(record), None) for record in first]
+                self._sealed += [(self._seal(record), done) for record, done in group]
+                if self._sealed:
+                    await self._write_sealed(loop)
                 else:
-                    written, waiters = len(self._sealed), self._sealed_waiters
-                    self._sealed, self._sealed_waiters = [], []
                     self.problem = None
-                    for done in waiters:
-                        if not done.done():
-                            done.set_result(None)
-                    self.on_written(written)
-            elif not self.healthy:
-                try:
-                    await loop.run_in_executor(None, self._probe)
-                    self.problem = None
-                except OSError as exc:
-                    self._fail(exc)
             if self._closing and not self._pending and (not self._sealed or not self.healthy):
                 return
 
-    def _probe(self) -> None:
-        if self._fd is None or os.fstat(self._fd).st_nlink == 0:
-            self._open()
+    async def _write_sealed(self, loop) -> None:
+        lines = [line for line, _ in self._sealed]
+        try:
+            written = await loop.run_in_executor(None, self._write_lines, lines)
+        except _Partial as exc:
+            written = exc.done
+            self._fail(exc.cause)
+        else:
+            self.problem = None
+        done, self._sealed = self._sealed[:written], self._sealed[written:]
+        for _, waiter in done:
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        if written:
+            self.on_written(written)
+
+    def _write_lines(self, lines: list[bytes]) -> int:
+        """Write and fsync the lines in chunks of at most WRITE_CHUNK bytes, so that a backlog larger than
+        the room a full disk has freed still goes out a chunk at a time. Returns how many are on disk;
+        a chunk that failed half-way is cut back off the file (raises _Partial with the count)."""
+        done = 0
+        while done < len(lines):
+            size, end = 0, done
+            while end < len(lines) and (end == done or size + len(lines[end]) <= WRITE_CHUNK):
+                size += len(lines[end])
+                end += 1
+            try:
+                self._write(b"".join(lines[done:end]))
+            except OSError as exc:
+                raise _Partial(exc, done) from None
+            done = end
+        return done
 
     def _write(self, data: bytes) -> None:
-        """One group: reopen if the file was removed, write it all, fsync; cut it back on failure."""
-        self._probe()
+        """One chunk: write it all, fsync; cut it back on failure."""
         fd = self._fd
         start = os.lseek(fd, 0, os.SEEK_END)
         try:

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from gateway.core.errors import Reason, Refusal
 from gateway.core.strictjson import strict_json
 
-MEMORY_THRESHOLD = 256 * 1024
+MEMORY_THRESHOLD = 64 * 1024   # a body in memory at most; past it, a temporary file (slow uploaders stay cheap)
 MAX_PARTS = 256            # the vendor's form needs at most 50 signers and a few fields
 MAX_LINE = 2 ** 17         # a part header line longer than this is refused (as the upstream's reader does)
 YIELD_EVERY = 64           # parsing gives the event loop a turn every this many reads

@@ -225,13 +225,15 @@ class Pool:
                       body: AsyncIterator[bytes] | None = None, read_timeout: float | None = None) -> Response:
         """Send one request; a stale idle connection is retried once for GET (nothing was answered).
 
-        `read_timeout` bounds the wait for a free connection and connecting, the wait for the
-        answer after the body is sent, and each read of the answer's body; sending the body is
-        bounded by the caller.
+        `read_timeout` bounds, together, the wait for a free connection, connecting and the wait for
+        the answer's head once the body is sent (one budget, not one each), and then each read of
+        the answer's body; sending the body is bounded by the caller.
         """
         head = self._head(method, path, headers)
+        loop = asyncio.get_running_loop()
+        deadline = None if read_timeout is None else loop.time() + read_timeout
         while True:
-            async with asyncio.timeout(read_timeout):
+            async with asyncio.timeout_at(deadline):
                 conn = await self._slot()
                 reused = conn is not None
                 if conn is None:
@@ -241,7 +243,7 @@ class Pool:
                         self._discard(None)
                         raise
             try:
-                return await self._exchange(conn, head, body, read_timeout)
+                return await self._exchange(conn, head, body, deadline, read_timeout)
             except ConnectionBroken:
                 self._discard(conn)
                 if not (reused and method == "GET"):
@@ -251,8 +253,10 @@ class Pool:
                 raise
 
     async def _exchange(self, conn: _Connection, head: bytes, body: AsyncIterator[bytes] | None,
-                        read_timeout: float | None) -> Response:
-        conn.answer = asyncio.get_running_loop().create_future()
+                        deadline: float | None, read_timeout: float | None) -> Response:
+        loop = asyncio.get_running_loop()
+        conn.answer = loop.create_future()
+        sending = loop.time()
         conn.transport.write(head)
         if body is not None:
             async for chunk in body:
@@ -260,7 +264,9 @@ class Pool:
                     break
                 conn.transport.write(chunk)
                 await writable(conn)
-        async with asyncio.timeout(read_timeout):
+        if deadline is not None:
+            deadline += loop.time() - sending  # the time the body took to send is the caller's, not the upstream's
+        async with asyncio.timeout_at(deadline):
             message, payload = await conn.answer
         return Response(self, conn, message, payload, read_timeout)
 
