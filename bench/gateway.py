@@ -1,38 +1,43 @@
-"""Load benchmark by hand: `gateway serve` against its upstream called directly, and against nginx.
+"""The gateway against nginx and a bare aiohttp proxy, side by side, loaded by autocannon.
 
-In a temporary folder: a dev PKI, a policy for client "bench" (rate limit on but never
-refusing), audit on with solicitor.identifier redacted, identity tokens on; a trivial aiohttp
-upstream (this file, --serve-upstream PORT), the gateway in front of it and, when installed,
-nginx (one worker, mTLS, keep-alive upstream), all on free 127.0.0.1 ports. Each target gets
-the same load (P processes, C keep-alive connections, GET /orders/{id}/state for D seconds
-after a warm-up, every answer checked for 200). Prints req/s, p50/p99 latency and errors per
-target, the gateway process's CPU time per request (/proc/PID/stat) and the ratios
-gateway/direct and gateway/nginx; stops everything and removes the folder at the end.
+In a temporary folder: a dev PKI, one nginx (one worker) answering as the upstream
+(`GET /orders/{id}` with a solicitor, `GET /orders/{id}/state`), and in front of it,
+each on its own port:
 
-    python bench/gateway.py [--duration 10] [--connections 32] [--procs 2] [--targets direct,gateway,nginx]
+- nginx: one worker, `ssl_verify_client on`, keep-alive upstream: the reference figure;
+- bare: bench/bare_proxy.py, an aiohttp web.Application with one catch-all handler
+  forwarding on the gateway's own pool, mTLS and nothing else: the floor of an aiohttp design;
+- gateway: `gateway serve` with every feature on: audit (sync: answer, HMAC key,
+  solicitor.identifier redacted), rate limits, identity tokens, metrics, order scope.
+
+Load, all from node with a client certificate (`npm install` in bench/ the first time, done
+here when node_modules is missing), GET /orders/{id}/state:
+- load.js: autocannon, 32 keep-alive connections, as fast as the target answers;
+- paced.js: the same connections opened first, then requests evenly spaced at half the
+  gateway's peak rate: p50/p99 where no queue builds up (autocannon's rate limiting bursts);
+- handshakes.js: 16 requests in flight, a new TLS connection each (no resumption).
+CPU microseconds a request are read from /proc for the target's process (nginx: its worker).
+Prints every round, then medians with their spread (min-max) and the ratios
+gateway/nginx and gateway/bare. The load generator check: nginx must come out far
+above the gateway, or the figures say nothing.
+
+    python bench/gateway.py [--rounds 3] [--seconds 5] [--connections 32]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import math
-import multiprocessing as mp
 import os
 import shutil
-import socket
-import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-import aiohttp
-
-ROOT = Path(__file__).resolve().parent.parent
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))  # before bench/ itself, whose gateway.py is this file
 from gateway.tools import pki  # noqa: E402
 from support import client_ssl, free_port, poll_ready, stop  # noqa: E402
@@ -42,17 +47,30 @@ SOLICITOR = {"source": "EXTERNAL", "identifier": "198603052385"}
 POLICY = {"client": "bench", "match": {"common_name": "bench"}, "allow": ["order_state", "read_order"],
           "solicitors": [{"source": "EXTERNAL", "identifier": "*"}],
           "rate_limit": {"per_second": 1_000_000, "burst": 1_000_000}}
-READY_DEADLINE_S = 60.0
-REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=10)
-NGINX_CONF = """worker_processes 1;
+READY_S = 60.0
+NGINX_COMMON = """worker_processes 1;
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
+events {{ worker_connections 8192; }}
+"""
+NGINX_UPSTREAM = NGINX_COMMON + """http {{
   access_log off;
   client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
   uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  keepalive_requests 100000000;  # as the gateway: no reconnect (and new handshake) every 1000 requests
+  keepalive_requests 100000000;
+  server {{
+    listen 127.0.0.1:{port};
+    location ~ ^/orders/[^/]+/state$ {{ default_type text/plain; return 200 "PENDING"; }}
+    location ~ ^/orders/[^/]+$ {{ default_type application/json; return 200 '{order}'; }}
+    location / {{ return 404; }}
+  }}
+}}
+"""
+NGINX_PROXY = NGINX_COMMON + """http {{
+  access_log off;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  keepalive_requests 100000000;
   upstream api {{ server 127.0.0.1:{up}; keepalive 64; keepalive_requests 100000000; }}
   server {{
     listen 127.0.0.1:{port} ssl;
@@ -65,55 +83,52 @@ http {{
 """
 
 
-def serve_upstream(port: int) -> None:
-    """The trivial upstream: GET /orders/{id} (JSON with a solicitor) and GET /orders/{id}/state (PENDING)."""
-    from aiohttp import web
-
-    async def order(request: web.Request) -> web.Response:
-        return web.json_response({"id": request.match_info["id"], "solicitor": SOLICITOR})
-
-    async def state(request: web.Request) -> web.Response:
-        return web.Response(text="PENDING")
-
-    app = web.Application()
-    app.router.add_get("/orders/{id}", order)
-    app.router.add_get("/orders/{id}/state", state)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)  # SIGTERM stops it
+def ensure_autocannon() -> None:
+    node = shutil.which("node")
+    if node is None:
+        raise SystemExit("node is needed (autocannon drives the load): install Node.js")
+    if not (BENCH / "node_modules" / "autocannon").is_dir():
+        print("installing autocannon into bench/node_modules (npm) ...", flush=True)
+        subprocess.run(["npm", "install", "--silent", "--no-audit", "--no-fund"], cwd=BENCH, check=True)
 
 
-def wait_ready(name: str, proc: subprocess.Popen, log: Path, probe) -> None:
-    poll_ready(name, proc, probe, READY_DEADLINE_S, log)
+def start(cmd: list[str], log: Path, cwd: Path = ROOT) -> subprocess.Popen:
+    with log.open("wb") as out:
+        return subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
 
 
-def handshake(port: int, ctx: ssl.SSLContext) -> None:
+def nginx(binary: str, folder: Path, template: str, **values) -> subprocess.Popen:
+    folder.mkdir()
+    (folder / "nginx.conf").write_text(template.format(d=folder, **values))
+    return start([binary, "-p", str(folder), "-c", str(folder / "nginx.conf"), "-e", str(folder / "error.log"),
+                  "-g", "daemon off;"], folder / "out.log")
+
+
+def handshake_probe(port: int, ctx) -> None:
+    import socket
+
     with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, \
-            ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-        tls.sendall(f"GET /orders/{ORDER_ID}/state HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
-        if not tls.recv(64).startswith(b"HTTP/1.1 200"):  # up, and the whole path answers
+            ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+        tls.sendall(f"GET /orders/{ORDER_ID}/state HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+        if not tls.recv(64).startswith(b"HTTP/1.1 200"):
             raise OSError("not 200 yet")
 
 
-def http_get(url: str) -> None:
-    urllib.request.urlopen(url, timeout=2).close()  # HTTPError (not 200) is an OSError: not ready
-
-
-def start(cmd: list[str], log: Path) -> subprocess.Popen:
-    with log.open("wb") as out:
-        return subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-
-
-def write_gateway_config(tmp: Path, upstream_port: int) -> tuple[Path, int, int]:
+def gateway_config(tmp: Path, upstream_port: int) -> tuple[Path, int, int]:
     (tmp / "policies").mkdir()
     (tmp / "policies" / "bench.yaml").write_text(json.dumps(POLICY))
+    (tmp / "audit.key").write_text("bench-audit-key-" + "k" * 32)
     port, admin = free_port(), free_port()
     config = {
         "listen": {"host": "127.0.0.1", "port": port}, "admin": {"host": "127.0.0.1", "port": admin},
         "tls": {"cert": "pki/server.crt", "key": "pki/server.key", "client_ca": "pki/ca.crt", "crl": "pki/crl.pem"},
         "policies": "policies",
         "upstream": {"url": f"http://127.0.0.1:{upstream_port}", "timeout_s": 30},
-        "audit": {"path": "data/audit.jsonl", "redact": ["solicitor.identifier"]},
+        "audit": {"path": "data/audit.jsonl", "key_file": "audit.key", "redact": ["solicitor.identifier"],
+                  "sync": "answer"},
         "identity_token": {"key": "data/identity-token.key", "audience": "automation-api", "ttl_s": 60},
         "rate_limit": {"storage": "memory"},
+        "reload": {"watch_s": 5},
     }
     path = tmp / "config.yaml"
     path.write_text(json.dumps(config))
@@ -122,165 +137,143 @@ def write_gateway_config(tmp: Path, upstream_port: int) -> tuple[Path, int, int]
 
 def cpu_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime, all threads, in clock ticks
+    return int(fields[11]) + int(fields[12])  # utime + stime of all threads, in clock ticks
 
 
-async def load(url: str, pki_dir: Path | None, conns: int, warmup: float, duration: float, barrier) -> tuple:
-    ctx = client_ssl(pki_dir, "bench") if pki_dir else False
-    connector = aiohttp.TCPConnector(limit=conns, ssl=ctx)  # keep-alive: connections are reused
-    count, errors, latencies, first_error = 0, 0, [], ""
-    async with aiohttp.ClientSession(connector=connector, timeout=REQUEST_TIMEOUT) as session:
-        path = f"{url}/orders/{ORDER_ID}/state"
-
-        async def one(until: float, measure: bool) -> None:
-            nonlocal count, errors, first_error
-            while time.monotonic() < until:
-                t0 = time.perf_counter()
-                try:
-                    async with session.get(path) as resp:
-                        body = await resp.read()
-                        ok = resp.status == 200
-                        if not ok:
-                            error = f"HTTP {resp.status}: {body[:200]!r}"
-                except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                    ok, error = False, f"{type(exc).__name__}: {exc}"
-                if measure and ok:
-                    count += 1
-                    latencies.append(time.perf_counter() - t0)
-                elif measure:
-                    errors += 1
-                    first_error = first_error or error[:300]
-
-        await asyncio.gather(*(one(time.monotonic() + warmup, False) for _ in range(conns)))
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, barrier.wait, READY_DEADLINE_S)  # all workers start together
-        t0 = time.monotonic()
-        await asyncio.gather(*(one(t0 + duration, True) for _ in range(conns)))
-        elapsed = time.monotonic() - t0
-        await loop.run_in_executor(None, barrier.wait, READY_DEADLINE_S)  # ... and end together
-    return count, errors, latencies, elapsed, first_error
-
-
-def worker(queue, barrier, *args) -> None:
-    try:
-        queue.put(asyncio.run(load(*args, barrier)))
-    except BaseException as exc:  # reported by the parent; a broken barrier frees the others
-        barrier.abort()
-        queue.put(f"{type(exc).__name__}: {exc}")
-
-
-def pct(xs: list[float], p: float) -> float:
-    return xs[max(0, math.ceil(p / 100 * len(xs)) - 1)] * 1000 if xs else float("nan")
-
-
-def measure(name: str, url: str, pki_dir: Path | None, args, cpu_pid: int | None = None) -> dict:
-    """Run the load against one target; cpu_pid's CPU time is read when all workers start and end."""
-    mpc = mp.get_context("spawn")
-    queue, barrier = mpc.Queue(), mpc.Barrier(args.procs + 1)
-    warmup = min(2.0, args.duration / 5)
-    shares = [args.connections // args.procs + (i < args.connections % args.procs) for i in range(args.procs)]
-    procs = [mpc.Process(target=worker, args=(queue, barrier, url, pki_dir, n, warmup, args.duration), daemon=True)
-             for n in shares]
-    for p in procs:
-        p.start()
-    ticks = None
-    try:
-        barrier.wait(READY_DEADLINE_S)
-        ticks, wall = cpu_ticks(cpu_pid) if cpu_pid else None, time.monotonic()
-        barrier.wait(args.duration + READY_DEADLINE_S)
-        ticks, wall = cpu_ticks(cpu_pid) - ticks if cpu_pid else None, time.monotonic() - wall
-    except Exception:  # a worker failed or hung: its message follows on the queue
-        ticks = None
-    try:
-        results = [queue.get(timeout=READY_DEADLINE_S) for _ in procs]
-    except Exception:  # queue.Empty: a worker died without a word
-        results = ["no result within the deadline"]
-    for p in procs:
-        p.join(timeout=READY_DEADLINE_S)
-        if p.is_alive():
-            p.kill()
-    failed = [r for r in results if isinstance(r, str)]
-    if failed:
-        raise RuntimeError(f"{name}: load worker failed: {failed[0]}")
-    lat = sorted(x for r in results for x in r[2])
-    r = {"name": name, "count": sum(r[0] for r in results), "errors": sum(r[1] for r in results),
-         "rate": sum(r[0] / r[3] for r in results), "p50": pct(lat, 50), "p99": pct(lat, 99),
-         "first_error": next((r[4] for r in results if r[4]), "")}
-    if ticks is not None:
-        cpu_s = ticks / os.sysconf("SC_CLK_TCK")
-        r["cpu_us"] = cpu_s * 1e6 / max(1, r["count"] + r["errors"])
-        r["cpu_pct"] = 100 * cpu_s / wall
+def load(script: str, url: str, pki_dir: Path, conns: int, seconds: float, rate: float = 0,
+         pid: int | None = None) -> dict:
+    """One measurement with bench/SCRIPT (load.js: closed loop on autocannon; paced.js: a fixed rate;
+    handshakes.js: a new connection a request); CPU microseconds a request of `pid` when given."""
+    before = cpu_ticks(pid) if pid else 0
+    args = ["node", str(BENCH / script), url, str(conns), str(seconds), str(pki_dir / "ca.crt"),
+            str(pki_dir / "clients" / "bench.crt"), str(pki_dir / "clients" / "bench.key")]
+    out = subprocess.run(args + ([str(rate)] if rate else []), capture_output=True, text=True,
+                         timeout=seconds + 120)
+    if out.returncode != 0:
+        raise RuntimeError(f"load generator failed: {out.stderr.strip()[-500:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    if pid:
+        r["cpu_us"] = (cpu_ticks(pid) - before) / os.sysconf("SC_CLK_TCK") * 1e6 / max(1, r["total"])
     return r
+
+
+def spread(values: list[float], fmt: str = "{:.0f}") -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}-{fmt.format(max(values))})"
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=10.0, help="measured seconds per target (default 10)")
-    parser.add_argument("--connections", type=int, default=32, help="concurrent connections in total (default 32)")
-    parser.add_argument("--procs", type=int, default=2, help="load generator processes (default 2)")
-    parser.add_argument("--targets", default="direct,gateway,nginx", help="comma list (default all available)")
-    parser.add_argument("--serve-upstream", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=5.0, help="seconds a measurement (after a 2 s warm-up)")
+    parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    if args.serve_upstream:
-        serve_upstream(args.serve_upstream)
-        return 0
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    if not targets or set(targets) - {"direct", "gateway", "nginx"}:
-        parser.error("--targets is a comma list of direct, gateway, nginx")
-    if not 1 <= args.procs <= 64 or not args.procs <= args.connections <= 4096 or not 1 <= args.duration <= 600:
-        parser.error("--procs must be 1..64, --connections procs..4096, --duration 1..600")
-    nginx = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
-    if "nginx" in targets and not nginx:
-        print("note: nginx is not installed; skipping the nginx target")
-        targets.remove("nginx")
-    results, procs = {}, []
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if binary is None:
+        raise SystemExit("nginx is needed: it is the upstream and the reference (Debian: apt install nginx)")
+    ensure_autocannon()
+    procs: list[subprocess.Popen] = []
+    rounds: list[dict[str, dict]] = []
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as name:
         tmp = Path(name)
-        pki_dir, up = tmp / "pki", free_port()
+        pki_dir = tmp / "pki"
+        pki.init(pki_dir, ["bench"])
+        ctx = client_ssl(pki_dir, "bench")
+        order = json.dumps({"id": ORDER_ID, "solicitor": SOLICITOR})
         try:
-            pki.init(pki_dir, ["bench"])
-            ctx = client_ssl(pki_dir, "bench")
-            procs.append(upstream := start([sys.executable, __file__, "--serve-upstream", str(up)], tmp / "up.log"))
-            urls = {"direct": (f"http://127.0.0.1:{up}", None, None)}
-            wait_ready("upstream", upstream, tmp / "up.log", lambda: http_get(f"{urls['direct'][0]}/orders/{ORDER_ID}"))
-            if "gateway" in targets:
-                config, port, admin = write_gateway_config(tmp, up)
-                procs.append(gw := start([sys.executable, "-m", "gateway", "serve", "-c", str(config)], tmp / "gw.log"))
-                wait_ready("gateway", gw, tmp / "gw.log",
-                           lambda: (http_get(f"http://127.0.0.1:{admin}/healthz"), handshake(port, ctx)))
-                urls["gateway"] = (f"https://127.0.0.1:{port}", pki_dir, gw.pid)
-            if "nginx" in targets:
-                (ndir := tmp / "nginx").mkdir()
-                conf = NGINX_CONF.format(d=ndir, up=up, port=(ng_port := free_port()), pki=pki_dir)
-                (ndir / "nginx.conf").write_text(conf)
-                procs.append(ng := start([nginx, "-p", str(ndir), "-c", str(ndir / "nginx.conf"), "-e",
-                                          str(ndir / "error.log"), "-g", "daemon off;"], tmp / "nginx.log"))
-                wait_ready("nginx", ng, ndir / "error.log", lambda: handshake(ng_port, ctx))
-                urls["nginx"] = (f"https://127.0.0.1:{ng_port}", pki_dir, None)
-            print(f"{args.connections} connections from {args.procs} processes, {args.duration:g} s per target "
-                  f"after a {min(2.0, args.duration / 5):g} s warm-up, GET /orders/{{id}}/state, {os.cpu_count()} CPUs")
-            for target in targets:
-                results[target] = measure(target, *urls[target][:2], args, urls[target][2])
+            up = free_port()
+            procs.append(nginx(binary, tmp / "upstream", NGINX_UPSTREAM, port=up, order=order))
+            ng_port = free_port()
+            procs.append(ng := nginx(binary, tmp / "nginx", NGINX_PROXY, port=ng_port, up=up, pki=pki_dir))
+            bare_port = free_port()
+            procs.append(bare := start([sys.executable, str(BENCH / "bare_proxy.py"), str(bare_port),
+                                        f"http://127.0.0.1:{up}", str(pki_dir)], tmp / "bare.log"))
+            config, gw_port, _ = gateway_config(tmp, up)
+            procs.append(gw := start([sys.executable, "-m", "gateway", "serve", "-c", str(config)], tmp / "gw.log",
+                                     cwd=ROOT))
+            targets = {"nginx": (ng_port, ng), "bare": (bare_port, bare), "gateway": (gw_port, gw)}
+            for name_, (port, proc) in targets.items():
+                poll_ready(name_, proc, lambda p=port: handshake_probe(p, ctx), READY_S, tmp / "gw.log")
+            url = {n: f"https://localhost:{p}/orders/{ORDER_ID}/state" for n, (p, _) in targets.items()}
+            pid = {"nginx": _worker_pid(tmp / "nginx"), "bare": bare.pid, "gateway": gw.pid}
+            print(f"{args.connections} keep-alive mTLS connections, {args.seconds:g} s a measurement, "
+                  f"GET /orders/{{id}}/state, autocannon, {os.cpu_count()} CPUs", flush=True)
+            for n in targets:  # warm up (pools, caches, the first connections)
+                load("load.js", url[n], pki_dir, args.connections, 2)
+            for i in range(args.rounds):
+                r: dict[str, dict] = {}
+                for n in targets:
+                    r[n] = load("load.js", url[n], pki_dir, args.connections, args.seconds, pid=pid[n])
+                half = r["gateway"]["rps"] / 2
+                for n in targets:
+                    r[n + "@half"] = load("paced.js", url[n], pki_dir, args.connections, args.seconds, rate=half)
+                for n in ("nginx", "gateway"):
+                    r[n + "@new"] = load("handshakes.js", url[n], pki_dir, 16, args.seconds, pid=pid[n])
+                rounds.append(r)
+                _print_round(i + 1, r, half)
         except RuntimeError as exc:
             print(f"FAILED: {exc}", file=sys.stderr)
             return 1
         finally:
-            for proc in reversed(procs):  # stop what we started: terminate, wait, kill if it hangs
+            for proc in reversed(procs):
                 stop(proc)
-    for r in results.values():
-        print(f"{r['name']:<8} {r['rate']:9.0f} req/s  p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  "
-              f"{r['errors']} errors  ({r['count']} ok)")
-        if r["first_error"]:
-            print(f"         first error: {r['first_error']}")
-        if "cpu_us" in r:
-            print(f"         gateway process CPU: {r['cpu_us']:.0f} us/request ({r['cpu_pct']:.0f}% of one core)")
-    gw = results.get("gateway")
-    for base in ("direct", "nginx"):
-        if gw and base in results and results[base]["rate"]:
-            b = results[base]
-            print(f"gateway/{base}: {gw['rate'] / b['rate']:.2f}x req/s, p50 {gw['p50'] / b['p50']:.2f}x, "
-                  f"p99 {gw['p99'] / b['p99']:.2f}x")
-    return 1 if any(r["errors"] for r in results.values()) else 0
+    _print_summary(rounds)
+    return 0
+
+
+def _worker_pid(folder: Path) -> int | None:
+    """nginx's worker process (the master only forks it): where its CPU time goes."""
+    master = int((folder / "nginx.pid").read_text())
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == master:
+            return int(stat.parent.name)
+    return None
+
+
+def _print_round(i: int, r: dict, half: float) -> None:
+    print(f"-- round {i}")
+    for n in ("nginx", "bare", "gateway"):
+        x = r[n]
+        print(f"  {n:<8} {x['rps']:8.0f} req/s  p50 {x['p50']:5.1f} ms  p99 {x['p99']:5.1f} ms  "
+              f"{x.get('cpu_us', 0):5.0f} us CPU/req  errors {x['errors']} non-2xx {x['non2xx']}")
+    for n in ("nginx", "bare", "gateway"):
+        x = r[n + "@half"]
+        print(f"  {n:<8} at {half:.0f} req/s: p50 {x['p50']:5.1f} ms  p99 {x['p99']:5.1f} ms")
+    for n in ("nginx", "gateway"):
+        x = r[n + "@new"]
+        print(f"  {n:<8} new connection each request: {x['rps']:6.0f} req/s  p99 {x['p99']:5.1f} ms  "
+              f"{x.get('cpu_us', 0):5.0f} us CPU/req  errors {x['errors']}")
+    print(f"  gateway/nginx {r['gateway']['rps'] / r['nginx']['rps']:.2f}  "
+          f"gateway/bare {r['gateway']['rps'] / r['bare']['rps']:.2f}  "
+          f"new connections gateway/nginx {r['gateway@new']['rps'] / r['nginx@new']['rps']:.2f}", flush=True)
+
+
+def _print_summary(rounds: list[dict]) -> None:
+    if not rounds:
+        return
+    print(f"== medians over {len(rounds)} rounds (min-max)")
+
+    def col(key, field):
+        return [r[key][field] for r in rounds]
+
+    for n in ("nginx", "bare", "gateway"):
+        print(f"  {n:<8} {spread(col(n, 'rps'))} req/s  p50 {spread(col(n, 'p50'), '{:.1f}')} ms  "
+              f"p99 {spread(col(n, 'p99'), '{:.1f}')} ms  CPU {spread(col(n, 'cpu_us'))} us/req")
+        print(f"  {'':<8} at half the gateway's peak: p50 {spread(col(n + '@half', 'p50'), '{:.1f}')} ms  "
+              f"p99 {spread(col(n + '@half', 'p99'), '{:.1f}')} ms")
+    for n in ("nginx", "gateway"):
+        print(f"  {n:<8} new connection each request: {spread(col(n + '@new', 'rps'))} req/s  "
+              f"CPU {spread(col(n + '@new', 'cpu_us'))} us/req")
+    ratio = [r["gateway"]["rps"] / r["nginx"]["rps"] for r in rounds]
+    bare = [r["gateway"]["rps"] / r["bare"]["rps"] for r in rounds]
+    new = [r["gateway@new"]["rps"] / r["nginx@new"]["rps"] for r in rounds]
+    p99 = [r["gateway@half"]["p99"] - r["nginx@half"]["p99"] for r in rounds]
+    print(f"  gateway/nginx {spread(ratio, '{:.2f}')}  gateway/bare {spread(bare, '{:.2f}')}  "
+          f"new connections gateway/nginx {spread(new, '{:.2f}')}  "
+          f"p99 at half load, gateway - nginx {spread(p99, '{:+.1f}')} ms")
 
 
 if __name__ == "__main__":

@@ -138,3 +138,24 @@ def test_any_text_seals_and_verifies():
     line, digest = seal(record, GENESIS, None)
     assert line.isascii() and verify([line], None).ok
     assert json.loads(line)["solicitor"]["identifier"] == "Åsa 日本"
+
+
+def test_timestamps_are_what_isoformat_gives():
+    """audit.timestamp formats a second once and adds the milliseconds: the same text as datetime's."""
+    import random
+    from datetime import datetime, timezone
+
+    from gateway.core.audit import timestamp
+
+    rng = random.Random(7)
+    for ts in [0.0, 0.9995, 1.0005, 1_795_000_000.9999996] + [rng.uniform(0, 4e9) for _ in range(20000)]:
+        expected = datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        assert timestamp(ts) == expected, ts
+
+
+def test_a_sealed_line_verifies_and_reads_as_its_record():
+    from gateway.core.audit import GENESIS, seal, verify
+
+    line, digest = seal({"b": 1, "a": "x\u00e9"}, GENESIS, b"k" * 16)
+    assert json.loads(line) == {"a": "x\u00e9", "b": 1, "prev": GENESIS, "hash": digest}
+    assert verify([line], b"k" * 16).ok and line.isascii()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable
@@ -39,9 +40,11 @@ def seal(record: dict, prev: str, key: bytes | None) -> tuple[bytes, str]:
     """The line to write (with its newline) and its hash, chained to `prev`."""
     sealed = {**record, "prev": prev}
     sealed.pop("hash", None)
-    digest = line_hash(canonical(sealed), key)
-    sealed["hash"] = digest
-    return canonical(sealed) + b"\n", digest
+    body = canonical(sealed)
+    digest = line_hash(body, key)
+    # the hash goes last rather than in key order: verify() reads the line as JSON, so the order of its
+    # keys is free, and the canonical form is encoded once instead of twice
+    return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n', digest
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,19 @@ class Redactor:
         return record
 
 
+_second: list = [None, ""]   # the last whole second formatted, and its text: lines come many a second
+
+
 def timestamp(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO 8601 UTC to the millisecond, as datetime's isoformat gives it (rounded to the microsecond first)."""
+    whole = math.floor(ts)
+    micro = round((ts - whole) * 1e6)
+    if micro >= 1_000_000:
+        whole, micro = whole + 1, micro - 1_000_000
+    if whole != _second[0]:
+        _second[0] = whole
+        _second[1] = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{_second[1]}.{micro // 1000:03d}Z"
 
 
 def record_of(ex: Any, now: float, duration_s: float) -> dict:

@@ -19,8 +19,11 @@ crash mid-write) is moved aside and the first new record says so.
 from __future__ import annotations
 
 import asyncio
+import collections
+import json
 import logging
 import os
+import stat
 import secrets
 import time
 from datetime import datetime, timezone
@@ -36,6 +39,7 @@ MAX_PENDING = 100_000
 TAIL_BYTES = 65536
 WRITE_CHUNK = 64 * 1024    # bytes a write+fsync at the most: a backlog goes out a chunk at a time
 SUMMARISE_AFTER = 1000     # queued records past which 503s of a broken log are counted, not kept
+EXPIRE_EVERY_S = 0.25      # how often answers waiting too long for their line are given up on
 
 
 class AuditUnavailable(Exception):
@@ -119,6 +123,10 @@ class _Partial(OSError):
         self.cause, self.done = exc, done
 
 
+class _Replaced(Exception):
+    """The path no longer names the file being written: nothing was written."""
+
+
 class AuditWriter:
     def __init__(self, path: Path, key: bytes | None, redactor: Redactor | None, sync: str = "answer",
                  on_written: Callable[[int], None] = lambda n: None,
@@ -133,11 +141,16 @@ class AuditWriter:
         self._replaced_after: str | None = None   # the last hash before the file was replaced under us
         self._summarised: tuple[int, str | None, str | None] = (0, None, None)   # count, first ts, last ts
         self._pending: list[tuple[dict, asyncio.Future | None]] = []
-        self._sealed: list[tuple[bytes, asyncio.Future | None]] = []   # sealed, in order, not yet on disk
+        self._deadlines: collections.deque[tuple[float, asyncio.Future]] = collections.deque()  # commit order
+        self._expiry: asyncio.TimerHandle | None = None
+        # sealed, in order, not yet on disk: (record, line, the commit waiting on it); the record is kept
+        # so that it can be sealed again into a new chain if the file is replaced before it is written
+        self._sealed: list[tuple[dict, bytes, asyncio.Future | None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
         self._last_write = 0.0
+        self._written_prev = GENESIS   # the hash of the last line on disk (the old file's end, if replaced)
 
     @property
     def healthy(self) -> bool:
@@ -147,10 +160,11 @@ class AuditWriter:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             for record in self._prepare_file():
-                self._sealed.append((self._seal(record), None))
+                self._sealed.append((record, self._seal(record), None))
         except OSError as exc:
             self._fail(exc)
         self._task = asyncio.create_task(self._run(), name="audit-writer")
+        self._expiry = asyncio.get_running_loop().call_later(EXPIRE_EVERY_S, self._expire)
 
     # -- the file and the head of its chain (run in a worker thread) ----------------------------
 
@@ -160,26 +174,32 @@ class AuditWriter:
             self._fd = None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
+    def _replaced(self) -> bool:
+        """Whether the path no longer names the open file (removed, renamed, replaced): two stat calls."""
+        if self._fd is None:
+            return False
+        mine = os.fstat(self._fd)
+        if not stat.S_ISREG(mine.st_mode):
+            return False  # a device such as /dev/full: nothing to compare
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return True
+        return (on_disk.st_ino, on_disk.st_dev) != (mine.st_ino, mine.st_dev)
+
     def _prepare_file(self) -> list[dict]:
         """Open the log and learn the head of its chain before anything is sealed; the records that
         must come first (a torn tail moved aside, a file replaced under us). Raises OSError."""
         if self._fd is not None and self._chained:
-            if self.path.exists() and not self.path.is_file():
-                return []  # a device such as /dev/full: nothing to compare
-            try:
-                on_disk = os.stat(self.path)
-            except FileNotFoundError:
-                on_disk = None
-            mine = os.fstat(self._fd)
-            if on_disk is not None and (on_disk.st_ino, on_disk.st_dev) == (mine.st_ino, mine.st_dev):
+            if not self._replaced():
                 return []
             # Removed, renamed (logrotate) or replaced while we ran: the path starts a chain of its own,
             # and its first record says where the last one ended, so neither file fails to verify.
             log.warning("audit log %s was removed or replaced while the gateway ran; writing a new one", self.path)
-            self._replaced_after, self._chained = self.prev, False
+            self._replaced_after, self._chained = self._written_prev, False
         self._open()
         first = self._continue_chain()
-        self._chained = True
+        self._chained, self._written_prev = True, self.prev
         if self._replaced_after is not None:
             first.append({"ts": timestamp(time.time()), "event": "reopened", "previous_hash": self._replaced_after,
                           "reason": "the audit log file was removed, renamed or replaced while the gateway ran"})
@@ -242,14 +262,22 @@ class AuditWriter:
             return
         if not self._room():
             raise AuditUnavailable("too many audit records are waiting to be written")
-        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
         self._pending.append((record, done))
+        self._deadlines.append((loop.time() + (timeout_s if timeout_s is not None else 1e9), done))
         self._wake.set()
-        try:
-            async with asyncio.timeout(timeout_s):
-                await asyncio.shield(done)
-        except TimeoutError:
-            raise AuditUnavailable(self.problem or "the audit log was not written in time") from None
+        await done  # AuditUnavailable when _expire gives up on it (one timer for all, not one each)
+
+    def _expire(self) -> None:
+        """Every EXPIRE_EVERY_S: fail the commits whose time is up (their records stay queued)."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        while self._deadlines and (self._deadlines[0][1].done() or self._deadlines[0][0] <= now):
+            _, done = self._deadlines.popleft()
+            if not done.done():
+                done.set_exception(AuditUnavailable(self.problem or "the audit log was not written in time"))
+        self._expiry = loop.call_later(EXPIRE_EVERY_S, self._expire)
 
     def _seal(self, record: dict) -> bytes:
         try:
@@ -280,7 +308,9 @@ class AuditWriter:
                 await asyncio.sleep(max(0.0, self._last_write + BATCH_INTERVAL_S - loop.time()))
             self._last_write = loop.time()
             try:
-                first = await loop.run_in_executor(None, self._prepare_file)
+                # the chain's head must be known before anything is sealed: read it from the file when it
+                # is not (at start, after a failure); a file replaced under us is noticed by the write itself
+                first = [] if self._chained and self.healthy else await loop.run_in_executor(None, self._prepare_file)
             except OSError as exc:
                 self._fail(exc)  # the records wait, unsealed, until the chain's head is known
             else:
@@ -292,8 +322,8 @@ class AuditWriter:
                                   "from_ts": since, "to_ts": until, "status": 503, "reason":
                                   "answers 503 (audit_unavailable) while the audit log could not be written, "
                                   "counted here instead of one line each"})
-                self._sealed += [(self._seal(record), None) for record in first]
-                self._sealed += [(self._seal(record), done) for record, done in group]
+                self._sealed += [(record, self._seal(record), None) for record in first]
+                self._sealed += [(record, self._seal(record), done) for record, done in group]
                 if self._sealed:
                     await self._write_sealed(loop)
                 else:
@@ -302,16 +332,30 @@ class AuditWriter:
                 return
 
     async def _write_sealed(self, loop) -> None:
-        lines = [line for line, _ in self._sealed]
         try:
-            written = await loop.run_in_executor(None, self._write_lines, lines)
+            written = await loop.run_in_executor(None, self._write_lines, [line for _, line, _ in self._sealed])
+        except _Replaced:
+            # Removed, renamed (logrotate) or replaced while we ran: the path starts a chain of its own, and
+            # nothing was written; the waiting records are sealed again into the new chain, after the
+            # record that says where the old one ended.
+            try:
+                first = await loop.run_in_executor(None, self._prepare_file)
+            except OSError as exc:
+                self._fail(exc)
+                return
+            waiting, self._sealed = self._sealed, []
+            self._sealed += [(record, self._seal(record), None) for record in first]
+            self._sealed += [(record, self._seal(record), done) for record, _, done in waiting]
+            return await self._write_sealed(loop)
         except _Partial as exc:
             written = exc.done
             self._fail(exc.cause)
         else:
             self.problem = None
         done, self._sealed = self._sealed[:written], self._sealed[written:]
-        for _, waiter in done:
+        if done:
+            self._written_prev = json.loads(done[-1][1])["hash"]
+        for _, _, waiter in done:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         if written:
@@ -321,6 +365,8 @@ class AuditWriter:
         """Write and fsync the lines in chunks of at most WRITE_CHUNK bytes, so that a backlog larger than
         the room a full disk has freed still goes out a chunk at a time. Returns how many are on disk;
         a chunk that failed half-way is cut back off the file (raises _Partial with the count)."""
+        if self._replaced():
+            raise _Replaced()
         done = 0
         while done < len(lines):
             size, end = 0, done
@@ -355,6 +401,8 @@ class AuditWriter:
         """Write what is queued, then close the file."""
         self._closing = True
         self._wake.set()
+        if self._expiry is not None:
+            self._expiry.cancel()
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout_s)
