@@ -45,6 +45,17 @@ def _parser() -> argparse.ArgumentParser:
                          help="a form field of the request (repeatable), e.g. solicitor='{...}'; for order "
                               "operations, solicitor= gives the order's solicitor")
 
+    ptest = policy_sub.add_parser(
+        "test", help="run policy test cases (policies/tests/*.yaml by default) against the policies",
+        description="Each case names an identity, a request and the expected outcome; every case is decided "
+                    "as the running gateway decides it. Prints each failing case, 'N passed, M failed' and "
+                    "the policy rules no case exercised. Exit 0 when all pass, 1 on any failure, "
+                    "2 when a test file cannot be used.")
+    ptest.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
+    ptest.add_argument("paths", nargs="*", metavar="PATH", help="test files or folders (default: the "
+                       "policies folder's tests/)")
+    ptest.add_argument("--format", choices=("text", "json"), default="text", help="output (default: text)")
+
     audit = sub.add_parser("audit", help="work with the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
@@ -82,11 +93,29 @@ def _explain(args) -> int:
         form.append((name, value))
     try:
         result = explain(args.config, Path(args.cert), args.method, args.path, form)
-    except (SettingsError, SettingsError) as exc:
+    except SettingsError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     print("\n".join(result.lines))
     return 0 if result.allowed else 1
+
+
+def _policy_test(args) -> int:
+    from pathlib import Path
+
+    from gateway.shell.settings import load_policies
+    from gateway.tools.policy_test import load_cases, render, run_cases
+
+    try:
+        config = load_config(args.config)
+        policies = load_policies(config.policies)
+        cases = load_cases([Path(p) for p in args.paths] or [config.policies / "tests"])
+    except SettingsError as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
+    report = run_cases(policies, cases)
+    print(render(report, args.format))
+    return 1 if report.failures else 0
 
 
 def _audit_verify(args) -> int:
@@ -146,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "check":
             return _check(args)
         if args.command == "policy":
-            return _explain(args)
+            return _policy_test(args) if args.policy_command == "test" else _explain(args)
         if args.command == "audit":
             return _audit_verify(args)
         if args.command == "certs":
