@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import aiohttp
-import pytest
 
-from conftest import order_form, wait_http
-from gateway.shell.settings import load_config
+from conftest import order_form
 from gateway.runtime.embedded import Backoff
-from gateway_harness import POLICIES, session, write_config
+from gateway_harness import session
 from test_gateway_ops import metric
+from test_gateway_serve import served  # noqa: F401  (the fixture: gateway serve on the embedded API)
 
 
 def children(pid: int) -> list[int]:
@@ -36,17 +35,6 @@ def state_of(pid: int) -> str | None:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return None  # gone: reaped
-
-
-@pytest.fixture
-def served(tmp_path, test_pki, run_gateway):
-    policies = {k: POLICIES[k] for k in ("hr-system", "crm")}
-    config_path = write_config(tmp_path, test_pki, "embedded", policies=policies,
-                               identity_token={"key": "data/token.key", "audience": "automation-api"})
-    config = load_config(config_path)
-    proc = run_gateway("serve", "-c", str(config_path))
-    wait_http(f"http://127.0.0.1:{config.admin.port}/healthz", proc, deadline_s=40)
-    return config, proc
 
 
 async def ready(config) -> int:

@@ -261,12 +261,16 @@ def check_policies(folder: Path) -> list[SettingsError]:
     return problems
 
 
-def _load_file(path: Path) -> Policy:
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data; SettingsError naming the file when it cannot be read or parsed."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise SettingsError(path, "", f"cannot read: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         raise SettingsError(path, "", "not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
-    return parse_policy(data, str(path))
+
+
+def _load_file(path: Path) -> Policy:
+    return parse_policy(read_yaml(path), str(path))

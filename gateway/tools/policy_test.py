@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -35,6 +34,7 @@ from gateway.core.errors import Reason, SettingsError
 from gateway.core.identity import Identity, format_fingerprint, identity_from_der
 from gateway.core.operations import route
 from gateway.core.policy import Policy, PolicySet
+from gateway.shell.settings import read_yaml
 
 IDENTITY_FIELDS = ("subject", "common_name", "san_dns", "san_uri", "san_email", "fingerprint_sha256")
 REQUEST_KEYS = ("method", "path", "form", "fields", "order_solicitor")
@@ -88,13 +88,7 @@ def load_cases(paths: list[Path]) -> list[Case]:
         raise SettingsError(paths[0] if paths else "", "", "holds no test files (*.yaml)")
     cases: list[Case] = []
     for f in files:
-        try:
-            data = yaml.safe_load(f.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise SettingsError(f, "", f"cannot read: {exc.strerror or exc}") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise SettingsError(f, "", "not valid YAML" + (f" at line {mark.line + 1}" if mark else "")) from None
+        data = read_yaml(f)
         if not isinstance(data, dict) or set(data) - {"cases"} or not isinstance(data.get("cases"), list) \
                 or not data["cases"]:
             raise SettingsError(f, "cases", "must be a non-empty list of cases")
