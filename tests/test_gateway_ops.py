@@ -10,7 +10,6 @@ import ssl
 import time
 import urllib.request
 
-import aiohttp
 import pytest
 from aiohttp import web
 
