@@ -179,20 +179,16 @@ async def test_an_upstream_that_drops_idle_connections_costs_no_post(tmp_path, t
     assert forgetful.answered == 2
 
 
-async def test_upstream_connections_are_capped_and_callers_wait(tmp_path, test_pki, forgetful):
-    forgetful.slow = 0.3
+@pytest.mark.parametrize("slow, timeout_s, most, calls, statuses", [
+    (0.3, 5, 2, 6, [200] * 6),        # callers past the cap wait their turn
+    (1.5, 2, 1, 2, [200, 504]),       # ... within upstream.timeout_s: the wait and the answer share it
+], ids=["capped and waiting", "waiting past the timeout"])
+async def test_upstream_connections_are_capped(tmp_path, test_pki, forgetful, slow, timeout_s, most, calls,
+                                               statuses):
+    forgetful.slow = slow
     config = write_config(tmp_path, test_pki, forgetful.url, policies={"hr-system": POLICIES["hr-system"]},
-                          upstream={"url": forgetful.url, "timeout_s": 5, "max_connections": 2})
+                          upstream={"url": forgetful.url, "timeout_s": timeout_s, "max_connections": most})
     async with gateway_running(config) as (url, _):
         async with session(test_pki, test_pki.client("hr-system")) as s:
-            assert await asyncio.gather(*(anonymize(s, url) for _ in range(6))) == [200] * 6
-    assert forgetful.most_open == 2 and forgetful.answered == 6
-
-
-async def test_a_caller_that_waits_past_the_timeout_gets_504(tmp_path, test_pki, forgetful):
-    forgetful.slow = 1.5
-    config = write_config(tmp_path, test_pki, forgetful.url, policies={"hr-system": POLICIES["hr-system"]},
-                          upstream={"url": forgetful.url, "timeout_s": 2, "max_connections": 1})
-    async with gateway_running(config) as (url, _):
-        async with session(test_pki, test_pki.client("hr-system")) as s:
-            assert sorted(await asyncio.gather(anonymize(s, url), anonymize(s, url))) == [200, 504]
+            assert sorted(await asyncio.gather(*(anonymize(s, url) for _ in range(calls)))) == statuses
+    assert forgetful.most_open == most
