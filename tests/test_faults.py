@@ -227,3 +227,53 @@ async def test_a_client_that_leaves_before_its_answer_is_recorded_as_gone(tmp_pa
 
         (record,) = await until(recorded, deadline_s=10, what="the slow request's line")
     assert record["status"] == 499 and record["complete"] is False and "not sent" in record["reason"]
+
+
+async def test_a_log_folder_that_turns_into_a_file_is_503_then_recovers(tmp_path, test_pki, recorder_url):
+    config = write_config(tmp_path, test_pki, recorder_url, audit={"path": "logs/audit.jsonl"})
+    async with gateway_running(config) as (url, running):
+        assert await status(test_pki, url) == 200
+        (tmp_path / "logs").rename(tmp_path / "away")
+        (tmp_path / "logs").write_text("not a folder")  # stat fails with "not a directory", not "not found"
+
+        async def refused():
+            return await status(test_pki, url) == 503
+
+        await until(refused, what="503 while the log's path is unusable")
+        assert not running.gateway.audit.healthy
+        (tmp_path / "logs").unlink()
+        (tmp_path / "away").rename(tmp_path / "logs")
+
+        async def served():
+            return await status(test_pki, url) == 200
+
+        await until(served, what="served again")
+    assert verified(tmp_path / "logs" / "audit.jsonl") >= 3
+
+
+async def test_a_log_rotated_while_it_could_not_be_written_starts_a_clean_chain(tmp_path):
+    """Disk full (RLIMIT_FSIZE stands in), the file rotated meanwhile, room back: both files verify,
+    the waiting lines are sealed into the new chain, and a redacted value keeps its pseudonym."""
+    from gateway.core.audit import Redactor
+    from gateway.shell.audit_writer import AuditUnavailable, AuditWriter
+
+    log = tmp_path / "audit.jsonl"
+    writer = AuditWriter(log, None, Redactor(["remote"], b"k" * 32))
+    await writer.start()
+    await writer.commit({"request_id": "a", "remote": "10.0.0.1"}, 5)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (log.stat().st_size + 10, hard))
+        with pytest.raises(AuditUnavailable):
+            await writer.commit({"request_id": "b", "remote": "10.0.0.1"}, 0.6)
+        assert not writer.healthy
+        log.rename(tmp_path / "audit.jsonl.1")
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    await writer.commit({"request_id": "c", "remote": "10.0.0.1"}, 5)
+    await writer.close()
+    old, new = lines(tmp_path / "audit.jsonl.1"), lines(log)
+    assert [r.get("request_id") for r in old] == ["a"] and verified(tmp_path / "audit.jsonl.1") == 1
+    assert [r.get("event") or r["request_id"] for r in new] == ["reopened", "b", "c"] and verified(log) == 3
+    assert new[0]["previous_hash"] == old[0]["hash"]
+    assert old[0]["remote"] == new[1]["remote"] == new[2]["remote"]  # sealed twice, redacted once

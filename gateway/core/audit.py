@@ -134,7 +134,8 @@ class Redactor:
         return record
 
 
-_second: list = [None, ""]   # the last whole second formatted, and its text: lines come many a second
+_second: tuple[int | None, str] = (None, "")   # the last whole second formatted, and its text (one tuple:
+                                               # the writer thread formats timestamps too)
 
 
 def timestamp(ts: float) -> str:
@@ -143,10 +144,12 @@ def timestamp(ts: float) -> str:
     micro = round((ts - whole) * 1e6)
     if micro >= 1_000_000:
         whole, micro = whole + 1, micro - 1_000_000
-    if whole != _second[0]:
-        _second[0] = whole
-        _second[1] = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
-    return f"{_second[1]}.{micro // 1000:03d}Z"
+    global _second
+    second, text = _second
+    if whole != second:
+        text = datetime.fromtimestamp(whole, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+        _second = (whole, text)
+    return f"{text}.{micro // 1000:03d}Z"
 
 
 def record_of(ex: Any, now: float, duration_s: float) -> dict:

@@ -10,8 +10,8 @@ listens on the port, so the connection is refused.
 `supervise()` runs in the gateway's event loop (or the `--workers` parent's): every
 0.1 s `tick()` reaps and restarts without blocking, and every 5 s a health probe
 checks that the child still answers; a child that misses three probes in a row
-(hung, stopped) is killed and restarted like one that exited. The child is
-started with PR_SET_PDEATHSIG, so it dies with the gateway even when the gateway
+(hung, stopped) is killed and restarted like one that exited. The child sets
+PR_SET_PDEATHSIG on itself, so it dies with the gateway even when the gateway
 is killed, and the gateway refuses to start when something already serves
 `reference_api.listen` (it would be an upstream nobody supervises).
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import os
 import signal
 import socket
 import subprocess
@@ -43,12 +44,22 @@ UNANSWERED_PROBES = 3
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the gateway dies, even by SIGKILL, so no child outlives it."""
+PARENT_ENV = "GATEWAY_SUPERVISOR_PID"
+
+
+def die_with_parent() -> None:
+    """In the child, first thing (`gateway reference-api` does it when PARENT_ENV names its supervisor):
+    SIGTERM when the gateway dies, even by SIGKILL, so that no child outlives it. Done in the child itself,
+    not in a preexec_fn, which is unsafe in a process with threads."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     except (OSError, AttributeError):  # not Linux: the gateway's own stop() is what ends the child
-        pass
+        return
+    if os.getppid() != int(parent):  # the gateway died before the signal was asked for
+        sys.exit(0)
 
 
 async def supervise(reference: "EmbeddedReference") -> None:
@@ -93,10 +104,11 @@ class EmbeddedReference:
         self._failed_probes = 0
 
     def _spawn(self) -> None:
-        """Start the child from the calling thread (the loop's): it is told to die with this process."""
+        """Start the child; it asks the kernel to end it with this process (die_with_parent)."""
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "reference-api", "-c", str(self.config.file)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, PARENT_ENV: str(os.getpid())},
         )
         self._started_at = self.clock()
         self._failed_probes = 0

@@ -202,6 +202,8 @@ class Pipeline:
             ex.complete, ex.bytes_out = False, 0
             ex.reason = "not sent: its audit line could not be written"
             gw.audit.submit(completed(ex, time.time(), ex.duration))
+            if ex.streamed:
+                gw.metrics.observe(ex)  # counted here: its stream never starts
             request.protocol.force_close()
             return False
 

@@ -173,6 +173,12 @@ class AuditWriter:
             os.close(self._fd)
             self._fd = None
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        if stat.S_ISREG(os.fstat(self._fd).st_mode):  # the file's name is on disk too, not only its lines
+            folder = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(folder)
+            finally:
+                os.close(folder)
 
     def _replaced(self) -> bool:
         """Whether the path no longer names the open file (removed, renamed, replaced): two stat calls."""
@@ -248,7 +254,7 @@ class AuditWriter:
             self._summarised = (self._summarised[0] + 1, self._summarised[1] or ts, ts)
             return
         if self._room():
-            self._pending.append((record, None))
+            self._pending.append((self._redacted(record), None))
             self._wake.set()
 
     async def commit(self, record: dict, timeout_s: float | None) -> None:
@@ -264,7 +270,7 @@ class AuditWriter:
             raise AuditUnavailable("too many audit records are waiting to be written")
         loop = asyncio.get_running_loop()
         done = loop.create_future()
-        self._pending.append((record, done))
+        self._pending.append((self._redacted(record), done))
         self._deadlines.append((loop.time() + (timeout_s if timeout_s is not None else 1e9), done))
         self._wake.set()
         await done  # AuditUnavailable when _expire gives up on it (one timer for all, not one each)
@@ -279,10 +285,17 @@ class AuditWriter:
                 done.set_exception(AuditUnavailable(self.problem or "the audit log was not written in time"))
         self._expiry = loop.call_later(EXPIRE_EVERY_S, self._expire)
 
+    def _redacted(self, record: dict) -> dict:
+        """Redact when queued, once: a record sealed again (into a new chain) keeps its pseudonyms."""
+        if self.redactor is None:
+            return record
+        try:
+            return self.redactor.apply(record)
+        except (TypeError, ValueError) as exc:  # never let one odd record stop the log
+            return {"request_id": record.get("request_id"), "error": f"could not be redacted ({exc})"}
+
     def _seal(self, record: dict) -> bytes:
         try:
-            if self.redactor is not None:
-                record = self.redactor.apply(record)
             line, self.prev = seal(record, self.prev, self.key)
         except (TypeError, ValueError) as exc:  # never let one odd record stop the log
             log.error("audit: record %s could not be sealed (%s)", record.get("request_id"), exc)
@@ -310,9 +323,12 @@ class AuditWriter:
             try:
                 # the chain's head must be known before anything is sealed: read it from the file when it
                 # is not (at start, after a failure); a file replaced under us is noticed by the write itself
-                first = [] if self._chained and self.healthy else await loop.run_in_executor(None, self._prepare_file)
+                first = [] if self._chained and self.healthy else await self._rechain(loop)
             except OSError as exc:
                 self._fail(exc)  # the records wait, unsealed, until the chain's head is known
+            except Exception as exc:  # never let the writer die: it is what everything waits on
+                log.exception("audit: unexpected error")
+                self._fail(OSError(str(exc)))
             else:
                 group, self._pending = self._pending, []
                 if self._summarised[0]:
@@ -325,27 +341,44 @@ class AuditWriter:
                 self._sealed += [(record, self._seal(record), None) for record in first]
                 self._sealed += [(record, self._seal(record), done) for record, done in group]
                 if self._sealed:
-                    await self._write_sealed(loop)
+                    try:
+                        await self._write_sealed(loop)
+                    except Exception as exc:  # never let the writer die: it is what everything waits on
+                        log.exception("audit: unexpected error")
+                        self._fail(OSError(str(exc)))
                 else:
                     self.problem = None
             if self._closing and not self._pending and (not self._sealed or not self.healthy):
                 return
 
+    async def _rechain(self, loop) -> list[dict]:
+        """Read the chain's head from the file again (at start, after a failure, after a replacement).
+
+        When the head moved (a new or replaced file), every record sealed but not yet written is sealed
+        again after it, so that no line chained to the old head lands in the new file. Returns the
+        records that must come before those (a torn tail recovered, a file reopened).
+        """
+        head = self.prev if self._chained else None
+        first = await loop.run_in_executor(None, self._prepare_file)
+        if self._sealed and self.prev != head:
+            waiting, self._sealed = self._sealed, []
+            self._sealed = [(record, self._seal(record), None) for record in first]
+            self._sealed += [(record, self._seal(record), done) for record, _, done in waiting]
+            return []
+        return first
+
     async def _write_sealed(self, loop) -> None:
         try:
             written = await loop.run_in_executor(None, self._write_lines, [line for _, line, _ in self._sealed])
         except _Replaced:
-            # Removed, renamed (logrotate) or replaced while we ran: the path starts a chain of its own, and
-            # nothing was written; the waiting records are sealed again into the new chain, after the
-            # record that says where the old one ended.
+            # Removed, renamed (logrotate) or replaced while we ran: nothing was written; the path starts a
+            # chain of its own (see _rechain), and the waiting records go into it.
             try:
-                first = await loop.run_in_executor(None, self._prepare_file)
+                first = await self._rechain(loop)
             except OSError as exc:
                 self._fail(exc)
                 return
-            waiting, self._sealed = self._sealed, []
             self._sealed += [(record, self._seal(record), None) for record in first]
-            self._sealed += [(record, self._seal(record), done) for record, _, done in waiting]
             return await self._write_sealed(loop)
         except _Partial as exc:
             written = exc.done
@@ -365,7 +398,11 @@ class AuditWriter:
         """Write and fsync the lines in chunks of at most WRITE_CHUNK bytes, so that a backlog larger than
         the room a full disk has freed still goes out a chunk at a time. Returns how many are on disk;
         a chunk that failed half-way is cut back off the file (raises _Partial with the count)."""
-        if self._replaced():
+        try:
+            replaced = self._replaced()
+        except OSError as exc:  # the path cannot even be looked at (not a folder, no permission): retry later
+            raise _Partial(exc, 0) from None
+        if replaced:
             raise _Replaced()
         done = 0
         while done < len(lines):
@@ -408,6 +445,7 @@ class AuditWriter:
                 await asyncio.wait_for(self._task, timeout_s)
             except asyncio.TimeoutError:
                 self._task.cancel()
+                return  # a write may still be under way in its thread: its descriptor goes with the process
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "reference-api":
             from gateway.reference.server import run as run_reference
+            from gateway.runtime.embedded import die_with_parent
+
+            die_with_parent()  # when started by `gateway serve`: never outlive it
 
             run_reference(load_config(args.config), args.listen)
             return 0
