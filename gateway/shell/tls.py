@@ -56,26 +56,35 @@ class CRLFacts:
 _CRL_BLOCK = re.compile(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", re.S)
 
 
-def read_crls(path: Path, file: str | Path = "") -> CRLFacts:
-    blocks = _CRL_BLOCK.findall(Path(path).read_bytes())
-    if not blocks:
-        raise SettingsError(file, "tls.crl", f"{path} holds no PEM CRL")
-    revoked, updates, issuers = set(), [], set()
-    by_issuer: dict[str, float | None] = {}
-    for block in blocks:
+def load_crls(path: Path, file: str | Path = "", strict: bool = True) -> list[x509.CertificateRevocationList]:
+    """Every PEM CRL in the file. Strict: a file without one, or one that does not parse, is a
+    SettingsError; otherwise those are skipped (gateway check reports them through check_crl)."""
+    crls = []
+    for block in _CRL_BLOCK.findall(Path(path).read_bytes()):
         try:
-            crl = x509.load_pem_x509_crl(block)
+            crls.append(x509.load_pem_x509_crl(block))
         except ValueError:
-            raise SettingsError(file, "tls.crl", f"{path} holds a CRL that does not parse") from None
+            if strict:
+                raise SettingsError(file, "tls.crl", f"{path} holds a CRL that does not parse") from None
+    if strict and not crls:
+        raise SettingsError(file, "tls.crl", f"{path} holds no PEM CRL")
+    return crls
+
+
+def read_crls(path: Path, file: str | Path = "") -> CRLFacts:
+    revoked, updates, issuers = set(), [], set()
+    by_issuer: dict[str, float | None] = {}   # the earliest stated nextUpdate of each issuer's CRLs
+    for crl in load_crls(path, file):
         issuer = crl.issuer.rfc4514_string()
         issuers.add(issuer)
         revoked.update((issuer, r.serial_number) for r in crl)
-        due = crl.next_update_utc.timestamp() if crl.next_update_utc is not None else None
-        if due is not None:
-            updates.append(due)
+        if crl.next_update_utc is None:
+            by_issuer.setdefault(issuer, None)
+            continue
+        due = crl.next_update_utc.timestamp()
+        updates.append(due)
         known = by_issuer.get(issuer)
-        by_issuer[issuer] = due if issuer not in by_issuer or known is None else (
-            known if due is None else min(known, due))
+        by_issuer[issuer] = due if known is None else min(known, due)
     return CRLFacts(frozenset(revoked), min(updates) if updates else None, frozenset(issuers), by_issuer)
 
 

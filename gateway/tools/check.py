@@ -8,7 +8,6 @@ would take on a request, from the same core functions the pipeline calls.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from gateway.core.policy import PolicySet
 from gateway.core.strictjson import json_value
 from gateway.shell.limits import storage_from_url
 from gateway.shell.settings import Config, check_policies, load_config, load_policies
-from gateway.shell.tls import check_crl, crl_is_stale, server_context
+from gateway.shell.tls import check_crl, crl_is_stale, load_crls, server_context
 from gateway.shell.token import TokenIssuer, load_or_create_key
 from gateway.core.x509_rules import broken_rules
 
@@ -93,14 +92,7 @@ def _read_certs(path: Path | None) -> list[x509.Certificate]:
 def _read_crls(path: Path | None) -> list[x509.CertificateRevocationList]:
     if path is None or not Path(path).is_file():
         return []
-    blocks = re.findall(rb"-----BEGIN X509 CRL-----.+?-----END X509 CRL-----", Path(path).read_bytes(), re.S)
-    out = []
-    for block in blocks:
-        try:
-            out.append(x509.load_pem_x509_crl(block))
-        except ValueError:
-            pass  # check_crl has said so
-    return out
+    return load_crls(path, strict=False)  # what does not parse, check_crl has reported
 
 
 def _issued_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
