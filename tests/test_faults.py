@@ -66,11 +66,12 @@ def test_a_killed_gateway_takes_its_embedded_api_with_it(tmp_path, test_pki, run
     proc = run_gateway("serve", "-c", str(config_path))
     wait_http(f"http://127.0.0.1:{config.admin.port}/healthz", proc, deadline_s=40)
     (child,) = children(proc.pid)
+    (helper,) = set(children(proc.pid, helpers=True)) - {child}  # the audit log's fsync helper
     proc.send_signal(signal.SIGKILL)  # no cleanup at all
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
-    while state_of(child) not in (None, "Z"):
-        assert time.monotonic() < deadline, "the embedded API outlived the gateway"
+    while state_of(child) not in (None, "Z") or state_of(helper) not in (None, "Z"):
+        assert time.monotonic() < deadline, "the embedded API or the fsync helper outlived the gateway"
         time.sleep(0.05)
 
 

@@ -5,7 +5,8 @@ pipeline calls it when an answer is decided and sends nothing before it
 returns, so a crash never loses the record of an answered request. Lines are
 group-committed: one background task takes every record waiting at that
 moment, seals them into the chain in order, and writes them with one write and
-one fsync in a worker thread; records that arrive meanwhile form the next group.
+one fsync, done by a helper process (fsyncer.py: a thread would have to take the
+GIL back from the busy event loop); records that arrive meanwhile form the next group.
 With `audit.sync: batch`, `commit` does not wait and groups gather for 10 ms.
 
 When a group cannot be written (missing folder, disk full, the file removed),
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal, timestamp
+from gateway.shell.fsyncer import Fsyncer
 
 log = logging.getLogger("gateway.audit")
 RETRY_S = 1.0
@@ -151,6 +153,7 @@ class AuditWriter:
         self._closing = False
         self._last_write = 0.0
         self._written_prev = GENESIS   # the hash of the last line on disk (the old file's end, if replaced)
+        self._fsyncer = Fsyncer()
 
     @property
     def healthy(self) -> bool:
@@ -158,6 +161,7 @@ class AuditWriter:
 
     async def start(self) -> None:
         try:
+            self._fsyncer.start()
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             for record in self._prepare_file():
                 self._sealed.append((record, self._seal(record), None))
@@ -369,7 +373,7 @@ class AuditWriter:
 
     async def _write_sealed(self, loop) -> None:
         try:
-            written = await loop.run_in_executor(None, self._write_lines, [line for _, line, _ in self._sealed])
+            written = await self._write_lines([line for _, line, _ in self._sealed])
         except _Replaced:
             # Removed, renamed (logrotate) or replaced while we ran: nothing was written; the path starts a
             # chain of its own (see _rechain), and the waiting records go into it.
@@ -394,10 +398,13 @@ class AuditWriter:
         if written:
             self.on_written(written)
 
-    def _write_lines(self, lines: list[bytes]) -> int:
+    async def _write_lines(self, lines: list[bytes]) -> int:
         """Write and fsync the lines in chunks of at most WRITE_CHUNK bytes, so that a backlog larger than
         the room a full disk has freed still goes out a chunk at a time. Returns how many are on disk;
-        a chunk that failed half-way is cut back off the file (raises _Partial with the count)."""
+        a chunk that failed half-way is cut back off the file (raises _Partial with the count).
+
+        The write goes to the page cache from the event loop; only the fsync, which waits for the
+        disk, is done by the helper process."""
         try:
             replaced = self._replaced()
         except OSError as exc:  # the path cannot even be looked at (not a folder, no permission): retry later
@@ -411,13 +418,13 @@ class AuditWriter:
                 size += len(lines[end])
                 end += 1
             try:
-                self._write(b"".join(lines[done:end]))
+                await self._write(b"".join(lines[done:end]))
             except OSError as exc:
                 raise _Partial(exc, done) from None
             done = end
         return done
 
-    def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes) -> None:
         """One chunk: write it all, fsync; cut it back on failure."""
         fd = self._fd
         start = os.lseek(fd, 0, os.SEEK_END)
@@ -426,7 +433,7 @@ class AuditWriter:
             while view:
                 n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(fd)
+            await self._fsyncer.fsync(fd)
         except OSError:
             try:
                 os.ftruncate(fd, start)
@@ -445,7 +452,9 @@ class AuditWriter:
                 await asyncio.wait_for(self._task, timeout_s)
             except asyncio.TimeoutError:
                 self._task.cancel()
-                return  # a write may still be under way in its thread: its descriptor goes with the process
+                self._fsyncer.close()
+                return  # a rechain may still be under way in its thread: its descriptor goes with the process
+        self._fsyncer.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
