@@ -11,14 +11,15 @@ the Redis script, which does the same sums inside Redis.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from gateway.core.operations import Operation
 from gateway.core.policy import Policy, Rate
 
 
-@dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
+    """A rate-limit check's outcome (a tuple: made on every request, so cheap to build)."""
+
     allowed: bool
     limit: int             # the burst of the limit that binds
     remaining: int         # requests left right now under every limit
@@ -57,18 +58,18 @@ def gcra(tat: float, now: float, rate: Rate) -> tuple[bool, float, int, float, f
 
 
 def combine(now: float, cells: list[tuple[float, Rate]]) -> tuple[Verdict, list[float]]:
-    """Check every (TAT, rate) cell; the verdict and the TATs to store (unchanged when refused)."""
+    """Check every (TAT, rate) cell; the verdict and the TATs to store (unchanged when refused).
+
+    The binding limit is the one with the fewest requests left (a refusing one first)."""
     results = [gcra(tat, now, rate) for tat, rate in cells]
     allowed = all(r[0] for r in results)
-    binding = min(range(len(cells)), key=lambda i: (results[i][0], results[i][2]))
-    verdict = Verdict(
-        allowed=allowed,
-        limit=cells[binding][1].burst,
-        remaining=min(r[2] for r in results),
-        reset_s=results[binding][3],
-        retry_after_s=max(r[4] for r in results),
-    )
-    tats = [r[1] if allowed else tat for r, (tat, _) in zip(results, cells)]
+    binding = 0
+    for i in range(1, len(results)):
+        if (results[i][0], results[i][2]) < (results[binding][0], results[binding][2]):
+            binding = i
+    verdict = Verdict(allowed, cells[binding][1].burst, min(r[2] for r in results), results[binding][3],
+                      max(r[4] for r in results))
+    tats = [r[1] for r in results] if allowed else [tat for tat, _ in cells]
     return verdict, tats
 
 

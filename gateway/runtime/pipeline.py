@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
-import uuid
 from typing import Any, Generator
 
 import aiohttp
@@ -31,6 +31,7 @@ from gateway.core.policy import Policy
 from gateway.core.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.core.problem import problem_bytes, slug_of
 from gateway.core.ratelimit import StorageError, limits_for
+from gateway.runtime.deadlines import Deadlines
 from gateway.runtime.peers import admit_peer
 from gateway.runtime.snapshot import Gateway
 from gateway.shell.audit_writer import AuditUnavailable
@@ -44,6 +45,12 @@ ANONYMIZE_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urle
 SMALL_BODY = 65536  # answers up to this size are read whole and sent in one write
 AUDIT_WAIT_S = 3.0  # how long an answer waits for its audit line (a few retries of a failed write)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def request_id() -> str:
+    """A random (version 4) UUID, as str(uuid.uuid4()) gives it, in half its time."""
+    h = os.urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def expects_continue(request: web.BaseRequest) -> bool:
@@ -82,14 +89,16 @@ class Pipeline:
         self.gateway = gateway
         self.upstream_errors = Summary("upstream_error")
         self.unsent = Summary("answer_not_sent")   # answers held back because their audit line failed
+        self.deadlines = Deadlines()
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         gw = self.gateway  # one consistent view for the whole request, even across a reload
-        ex = Exchange(str(uuid.uuid4()), request.method, request.raw_path, request.remote)
+        ex = Exchange(request_id(), request.method, request.raw_path, request.remote)
         spool: list[Spool] = []
         streamed: list[web.StreamResponse] = []
+        deadline = self.deadlines.start(gw.config.limits.request_timeout_s)
         try:
-            async with asyncio.timeout(gw.config.limits.request_timeout_s):
+            try:
                 policy, rt, waits = self._admit(gw, request, ex)
                 verdict = await self._decide(gw, request, ex, policy, rt, waits, spool)
                 ex.decision, ex.would_deny = "allow", verdict.would_deny
@@ -98,6 +107,12 @@ class Pipeline:
                 # in force now (a reload may have come in between), when the request goes upstream
                 admit_peer(self.gateway, request.transport, ex)
                 response = await self._forward(gw, request, ex, rt, spool[0] if spool else None, streamed)
+            except asyncio.CancelledError:
+                if deadline.timed_out():
+                    raise TimeoutError from None
+                raise
+            finally:
+                self.deadlines.end(deadline)
         except Refusal as exc:
             ex.refused(exc.status, exc.code, exc.detail)
             ex.close = ex.close or exc.close
@@ -160,7 +175,7 @@ class Pipeline:
     def http_error(self, request: web.BaseRequest, status: int, message: str) -> web.Response:
         """A request aiohttp's parser refused: answered as problem+json and audited like any other."""
         gw = self.gateway
-        ex = Exchange(str(uuid.uuid4()), request.method, request.raw_path, request.remote)
+        ex = Exchange(request_id(), request.method, request.raw_path, request.remote)
         try:
             admit_peer(gw, request.transport, ex)  # identity first, even for a request that does not parse
         except Refusal as exc:
