@@ -13,9 +13,9 @@ async def guarded(deadlines: Deadlines, seconds: float, work):
     deadline = deadlines.start(seconds)
     try:
         return await work()
-    except asyncio.CancelledError:
-        if deadline.timed_out():
-            raise TimeoutError from None
+    except asyncio.CancelledError as exc:
+        if deadline.settle():
+            raise TimeoutError from exc
         raise
     finally:
         deadlines.end(deadline)
@@ -57,3 +57,17 @@ async def test_an_ended_deadline_never_fires():
         return "finished"
 
     assert await ends_early() == "finished"
+
+
+async def test_a_deadline_whose_cancel_was_swallowed_is_taken_back_all_the_same():
+    deadlines = Deadlines()
+
+    async def swallows():
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            return "swallowed"  # some code turns the cancel into something else
+
+    task = asyncio.create_task(guarded(deadlines, 0.05, swallows))
+    assert await task == "swallowed"
+    assert task.cancelling() == 0  # as after asyncio.timeout: a later cancel or timeout counts from zero

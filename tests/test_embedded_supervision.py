@@ -19,21 +19,21 @@ from test_gateway_serve import served  # noqa: F401  (the fixture: gateway serve
 
 
 def children(pid: int, helpers: bool = False) -> list[int]:
-    """The child processes of `pid`: the embedded API, and the audit log's fsync helper if `helpers`."""
+    """The child processes of `pid`: the embedded API, and the audit log's helper process if `helpers`."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == pid and (helpers or not is_fsync_helper(int(stat.parent.name))):
+        if int(fields[1]) == pid and (helpers or not is_audit_helper(int(stat.parent.name))):
             found.append(int(stat.parent.name))
     return found
 
 
-def is_fsync_helper(pid: int) -> bool:
+def is_audit_helper(pid: int) -> bool:
     try:
-        return b"gateway.shell.fsyncer" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"gateway.shell.appender_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

@@ -66,12 +66,12 @@ def test_a_killed_gateway_takes_its_embedded_api_with_it(tmp_path, test_pki, run
     proc = run_gateway("serve", "-c", str(config_path))
     wait_http(f"http://127.0.0.1:{config.admin.port}/healthz", proc, deadline_s=40)
     (child,) = children(proc.pid)
-    (helper,) = set(children(proc.pid, helpers=True)) - {child}  # the audit log's fsync helper
+    (helper,) = set(children(proc.pid, helpers=True)) - {child}  # the audit log's helper process
     proc.send_signal(signal.SIGKILL)  # no cleanup at all
     proc.wait(timeout=10)
     deadline = time.monotonic() + 10
     while state_of(child) not in (None, "Z") or state_of(helper) not in (None, "Z"):
-        assert time.monotonic() < deadline, "the embedded API or the fsync helper outlived the gateway"
+        assert time.monotonic() < deadline, "the embedded API or the audit log's helper outlived the gateway"
         time.sleep(0.05)
 
 
@@ -196,7 +196,8 @@ async def test_a_disk_that_fills_and_frees_some_room(tmp_path, test_pki, recorde
 
         got = await hammer(1500)
         assert got.count(503) > 1000  # the log filled up early on
-        resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (env_limit + 1024 * 1024, resource.RLIM_INFINITY))
+        for pid in [proc.pid, *children(proc.pid, helpers=True)]:  # the gateway and its audit log's helper
+            resource.prlimit(pid, resource.RLIMIT_FSIZE, (env_limit + 1024 * 1024, resource.RLIM_INFINITY))
         deadline = time.monotonic() + 20
         while await hammer(1) != [200]:
             assert time.monotonic() < deadline, "not served again after room was freed"
@@ -263,14 +264,15 @@ async def test_a_log_rotated_while_it_could_not_be_written_starts_a_clean_chain(
     await writer.start()
     await writer.commit({"request_id": "a", "remote": "10.0.0.1"}, 5)
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    helper = writer._appender.pid  # the process that appends to the log
     try:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (log.stat().st_size + 10, hard))
+        resource.prlimit(helper, resource.RLIMIT_FSIZE, (log.stat().st_size + 10, hard))
         with pytest.raises(AuditUnavailable):
             await writer.commit({"request_id": "b", "remote": "10.0.0.1"}, 0.6)
         assert not writer.healthy
         log.rename(tmp_path / "audit.jsonl.1")
     finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        resource.prlimit(helper, resource.RLIMIT_FSIZE, (soft, hard))
     await writer.commit({"request_id": "c", "remote": "10.0.0.1"}, 5)
     await writer.close()
     old, new = lines(tmp_path / "audit.jsonl.1"), lines(log)

@@ -5,8 +5,8 @@ a Timeout object, a TimerHandle pushed on the loop's heap, and a cancelled handl
 left there, which together were a measurable share of a small request's cost.
 Here a request's deadline is an entry in a dict, and one sweep every TICK_S cancels
 the tasks past theirs, as asyncio.timeout does (CancelledError inside, TimeoutError
-to the caller). A request's time limit is kept to within TICK_S, which is nothing
-beside `limits.request_timeout_s`.
+to the caller). A request's time limit is kept to within TICK_S (0.1 s), which is
+nothing beside `limits.request_timeout_s` (seconds).
 """
 
 from __future__ import annotations
@@ -17,14 +17,19 @@ TICK_S = 0.1
 
 
 class Deadline:
-    __slots__ = ("when", "task", "cancelling", "expired")
+    __slots__ = ("when", "task", "cancelling", "expired", "settled")
 
     def __init__(self, when: float, task: asyncio.Task):
-        self.when, self.task, self.cancelling, self.expired = when, task, task.cancelling(), False
+        self.when, self.task, self.cancelling = when, task, task.cancelling()
+        self.expired = self.settled = False
 
-    def timed_out(self) -> bool:
-        """On a CancelledError in the task: whether it was this deadline's (then it is taken back)."""
-        return self.expired and self.task.uncancel() <= self.cancelling
+    def settle(self) -> bool:
+        """Take this deadline's cancel back (once), as asyncio.timeout does when it exits. True when it
+        was the deadline's alone: then a CancelledError in the task is a timeout, not a cancel."""
+        if not self.expired or self.settled:
+            return False
+        self.settled = True
+        return self.task.uncancel() <= self.cancelling
 
 
 class Deadlines:
@@ -42,7 +47,9 @@ class Deadlines:
         return deadline
 
     def end(self, deadline: Deadline) -> None:
+        """The guarded part is over (its cancel taken back, had it fired and been swallowed on the way)."""
         self._live.pop(deadline, None)
+        deadline.settle()
 
     def _sweep(self) -> None:
         loop = asyncio.get_running_loop()

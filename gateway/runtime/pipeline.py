@@ -107,9 +107,9 @@ class Pipeline:
                 # in force now (a reload may have come in between), when the request goes upstream
                 admit_peer(self.gateway, request.transport, ex)
                 response = await self._forward(gw, request, ex, rt, spool[0] if spool else None, streamed)
-            except asyncio.CancelledError:
-                if deadline.timed_out():
-                    raise TimeoutError from None
+            except asyncio.CancelledError as exc:
+                if deadline.settle():
+                    raise TimeoutError from exc
                 raise
             finally:
                 self.deadlines.end(deadline)

@@ -5,8 +5,8 @@ pipeline calls it when an answer is decided and sends nothing before it
 returns, so a crash never loses the record of an answered request. Lines are
 group-committed: one background task takes every record waiting at that
 moment, seals them into the chain in order, and writes them with one write and
-one fsync, done by a helper process (fsyncer.py: a thread would have to take the
-GIL back from the busy event loop); records that arrive meanwhile form the next group.
+one fsync, both done by a helper process (appender.py: a thread would have to take
+the GIL back from the busy event loop); records that arrive meanwhile form the next group.
 With `audit.sync: batch`, `commit` does not wait and groups gather for 10 ms.
 
 When a group cannot be written (missing folder, disk full, the file removed),
@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Callable
 
 from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal, timestamp
-from gateway.shell.fsyncer import Fsyncer
+from gateway.shell.appender import Appender, Replaced
+from gateway.shell.appender_child import replaced
 
 log = logging.getLogger("gateway.audit")
 RETRY_S = 1.0
@@ -125,10 +126,6 @@ class _Partial(OSError):
         self.cause, self.done = exc, done
 
 
-class _Replaced(Exception):
-    """The path no longer names the file being written: nothing was written."""
-
-
 class AuditWriter:
     def __init__(self, path: Path, key: bytes | None, redactor: Redactor | None, sync: str = "answer",
                  on_written: Callable[[int], None] = lambda n: None,
@@ -153,7 +150,7 @@ class AuditWriter:
         self._closing = False
         self._last_write = 0.0
         self._written_prev = GENESIS   # the hash of the last line on disk (the old file's end, if replaced)
-        self._fsyncer = Fsyncer()
+        self._appender = Appender()
 
     @property
     def healthy(self) -> bool:
@@ -161,7 +158,7 @@ class AuditWriter:
 
     async def start(self) -> None:
         try:
-            self._fsyncer.start()
+            self._appender.start()
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             for record in self._prepare_file():
                 self._sealed.append((record, self._seal(record), None))
@@ -186,16 +183,7 @@ class AuditWriter:
 
     def _replaced(self) -> bool:
         """Whether the path no longer names the open file (removed, renamed, replaced): two stat calls."""
-        if self._fd is None:
-            return False
-        mine = os.fstat(self._fd)
-        if not stat.S_ISREG(mine.st_mode):
-            return False  # a device such as /dev/full: nothing to compare
-        try:
-            on_disk = os.stat(self.path)
-        except FileNotFoundError:
-            return True
-        return (on_disk.st_ino, on_disk.st_dev) != (mine.st_ino, mine.st_dev)
+        return self._fd is not None and replaced(self._fd, self.path)
 
     def _prepare_file(self) -> list[dict]:
         """Open the log and learn the head of its chain before anything is sealed; the records that
@@ -374,7 +362,7 @@ class AuditWriter:
     async def _write_sealed(self, loop) -> None:
         try:
             written = await self._write_lines([line for _, line, _ in self._sealed])
-        except _Replaced:
+        except Replaced:
             # Removed, renamed (logrotate) or replaced while we ran: nothing was written; the path starts a
             # chain of its own (see _rechain), and the waiting records go into it.
             try:
@@ -402,15 +390,7 @@ class AuditWriter:
         """Write and fsync the lines in chunks of at most WRITE_CHUNK bytes, so that a backlog larger than
         the room a full disk has freed still goes out a chunk at a time. Returns how many are on disk;
         a chunk that failed half-way is cut back off the file (raises _Partial with the count).
-
-        The write goes to the page cache from the event loop; only the fsync, which waits for the
-        disk, is done by the helper process."""
-        try:
-            replaced = self._replaced()
-        except OSError as exc:  # the path cannot even be looked at (not a folder, no permission): retry later
-            raise _Partial(exc, 0) from None
-        if replaced:
-            raise _Replaced()
+        The helper process does the writing, and checks first that the path still names the file."""
         done = 0
         while done < len(lines):
             size, end = 0, done
@@ -418,28 +398,11 @@ class AuditWriter:
                 size += len(lines[end])
                 end += 1
             try:
-                await self._write(b"".join(lines[done:end]))
+                await self._appender.append(self._fd, str(self.path), b"".join(lines[done:end]), done == 0)
             except OSError as exc:
                 raise _Partial(exc, done) from None
             done = end
         return done
-
-    async def _write(self, data: bytes) -> None:
-        """One chunk: write it all, fsync; cut it back on failure."""
-        fd = self._fd
-        start = os.lseek(fd, 0, os.SEEK_END)
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.write(fd, view)
-                view = view[n:]
-            await self._fsyncer.fsync(fd)
-        except OSError:
-            try:
-                os.ftruncate(fd, start)
-            except OSError:
-                pass
-            raise
 
     async def close(self, timeout_s: float = 10.0) -> None:
         """Write what is queued, then close the file."""
@@ -452,9 +415,9 @@ class AuditWriter:
                 await asyncio.wait_for(self._task, timeout_s)
             except asyncio.TimeoutError:
                 self._task.cancel()
-                self._fsyncer.close()
+                self._appender.close()
                 return  # a rechain may still be under way in its thread: its descriptor goes with the process
-        self._fsyncer.close()
+        self._appender.close()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

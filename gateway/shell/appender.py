@@ -1,0 +1,117 @@
+"""The audit log's appends (write and fsync) done by a helper process, so that the event loop
+neither waits for the disk nor shares the GIL with a thread that does.
+
+A thread writing and fsyncing must take the GIL back after every system call it makes;
+while the event loop is busy, each time is a handoff of the GIL between the two threads (a
+loaded gateway made about three futex calls a request for it, and spent some 15-20 % more
+CPU a request). Writing from the loop itself would avoid that, but a write or a stat can
+block for long (a frozen filesystem, a hung network mount, dirty-page throttling), and
+then the whole gateway would stop instead of answering 503. The helper
+(appender_child.py, a process with its own GIL) gets the log's descriptor over a Unix
+socket (SCM_RIGHTS) with the chunk, appends, fsyncs and answers one byte; the loop waits
+for that byte like for any socket read.
+
+The helper is in a session of its own (no terminal or process-group signal reaches it),
+ignores SIGINT, SIGTERM and SIGHUP, exits when its socket closes (the gateway stopped,
+even by SIGKILL), and is started again if it died.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+import subprocess
+import sys
+
+from gateway.shell.appender_child import HEADER, REPLACED
+
+
+class Replaced(Exception):
+    """The path no longer names the open file: nothing was written."""
+
+
+class Appender:
+    """append(fd, chunk) awaited on the event loop, done by the helper process; one call at a time."""
+
+    def __init__(self) -> None:
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen | None = None
+        self._lock = asyncio.Lock()
+        self._ended: list[subprocess.Popen] = []   # helpers told to end, reaped once they have
+
+    def start(self) -> None:
+        """Start the helper now rather than at the first append (a start costs a Python start-up)."""
+        self._reap()
+        if self._proc is not None and self._proc.poll() is not None:
+            self._reset()  # it died while idle: nothing of ours was under way, so start another
+        if self._sock is None:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self._proc = subprocess.Popen(
+                    [sys.executable, "-m", "gateway.shell.appender_child", str(theirs.fileno())],
+                    pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
+            except BaseException:
+                ours.close()
+                raise
+            finally:
+                theirs.close()
+            ours.setblocking(False)
+            self._sock = ours
+
+    async def append(self, fd: int, path: str, chunk: bytes, check_path: bool) -> None:
+        """Append `chunk` to `fd` and fsync it. Replaced when `check_path` and `path` no longer names
+        the file (nothing written); OSError when it could not be made durable (the chunk cut back off)."""
+        async with self._lock:
+            self.start()
+            start = os.lseek(fd, 0, os.SEEK_END)  # where the chunk begins, should the helper die mid-way
+            name = os.fsencode(path)
+            try:
+                socket.send_fds(self._sock, [HEADER.pack(check_path, start, len(name), len(chunk))], [fd])
+                await asyncio.get_running_loop().sock_sendall(self._sock, name + chunk)
+                answer = await asyncio.get_running_loop().sock_recv(self._sock, 1)
+            except OSError as exc:
+                self._reset()
+                self._cut(fd, start)
+                raise OSError(errno.EIO, f"the audit log's helper process failed ({exc.strerror or exc})") from None
+            except BaseException:
+                self._reset()  # cancelled mid-call: its answer would be taken for the next call's
+                raise
+            if not answer:
+                self._reset()
+                self._cut(fd, start)
+                raise OSError(errno.EIO, "the audit log's helper process exited")
+            if answer == bytes([REPLACED]):
+                raise Replaced()
+            if answer != b"\0":
+                raise OSError(answer[0], os.strerror(answer[0]))
+
+    @staticmethod
+    def _cut(fd: int, start: int) -> None:
+        """The helper died during an append: what it may have written is cut back, to be written again."""
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self._reset()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _reset(self) -> None:
+        """Close the socket (the helper ends when it sees it closed) and end the helper, without waiting."""
+        sock, proc, self._sock, self._proc = self._sock, self._proc, None, None
+        if sock is not None:
+            sock.close()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.kill()  # no call is under way, or its answer is given up on
+            self._ended.append(proc)
+        self._reap()
+
+    def _reap(self) -> None:
+        self._ended = [proc for proc in self._ended if proc.poll() is None]

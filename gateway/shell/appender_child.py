@@ -1,0 +1,101 @@
+"""The audit log's appender process: append a chunk to a descriptor it is passed, fsync, answer.
+
+Started by appender.Appender (`python -m gateway.shell.appender_child FD`), never by hand.
+Each message: a header (whether to check the path still names the file, the file's size
+before the chunk, the path's and the chunk's lengths) with the descriptor attached
+(SCM_RIGHTS), then the path and the chunk. The answer is one byte: 0 when the chunk is on
+disk, REPLACED when the path no longer names the file (nothing written), else the errno of
+the write or fsync that failed, the chunk having been cut back off the file. It imports
+nothing of the gateway, so it starts fast; it exits when its socket closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import stat
+import struct
+import sys
+
+HEADER = struct.Struct("!BQII")   # check the path?, size before the chunk, path length, chunk length
+REPLACED = 255
+
+
+def replaced(fd: int, path) -> bool:
+    """Whether the path no longer names the open file (removed, renamed, replaced)."""
+    mine = os.fstat(fd)
+    if not stat.S_ISREG(mine.st_mode):
+        return False  # a device such as /dev/full: nothing to compare
+    try:
+        on_disk = os.stat(path)
+    except FileNotFoundError:
+        return True
+    return (on_disk.st_ino, on_disk.st_dev) != (mine.st_ino, mine.st_dev)
+
+
+def append(fd: int, check: bool, start: int, path: bytes, chunk: bytes) -> int:
+    if check and replaced(fd, path):
+        return REPLACED
+    try:
+        view = memoryview(chunk)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        return 0
+    except OSError as exc:
+        try:
+            os.ftruncate(fd, start)
+        except OSError:
+            pass
+        return exc.errno if exc.errno and 0 < exc.errno < REPLACED else errno.EIO
+
+
+def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
+    parts, left = [], n
+    while left:
+        part = sock.recv(min(left, 1 << 20))
+        if not part:
+            return None
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+def serve(sock: socket.socket) -> None:
+    while True:
+        try:
+            head, fds, _, _ = socket.recv_fds(sock, HEADER.size, 4)
+            if not head:
+                return
+            rest = _read_exactly(sock, HEADER.size - len(head))
+            if rest is None:
+                return
+            check, start, path_len, chunk_len = HEADER.unpack(head + rest)
+            body = _read_exactly(sock, path_len + chunk_len)
+            if body is None:
+                return
+        except OSError:
+            return
+        for extra in fds[1:]:
+            os.close(extra)
+        if not fds:
+            answer = errno.EBADF
+        else:
+            try:
+                answer = append(fds[0], bool(check), start, body[:path_len], body[path_len:])
+            except OSError as exc:  # the path could not be looked at
+                answer = exc.errno if exc.errno and 0 < exc.errno < REPLACED else errno.EIO
+            finally:
+                os.close(fds[0])
+        try:
+            sock.sendall(bytes([answer]))
+        except OSError:
+            return
+
+
+if __name__ == "__main__":
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)  # ends with its socket, after the gateway's last lines
+    serve(socket.socket(fileno=int(sys.argv[1])))

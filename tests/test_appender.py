@@ -1,0 +1,154 @@
+"""The audit log's helper process: appends, errors, replaced files, its death, its restart, and that it
+never outlives the gateway nor dies of the signals a terminal or a reload sends."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gateway.shell.appender import Appender, Replaced
+from gateway.shell.audit_writer import AuditWriter
+from test_embedded_supervision import state_of
+
+
+def gone(pid: int, deadline_s: float = 10) -> bool:
+    deadline = time.monotonic() + deadline_s
+    while state_of(pid) not in (None, "Z"):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def open_log(path) -> int:
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+
+
+async def test_appends_chunks_and_passes_an_error_back(tmp_path):
+    appender = Appender()
+    log = tmp_path / "log"
+    fd = open_log(log)
+    try:
+        await appender.append(fd, str(log), b"one\n", True)
+        await appender.append(fd, str(log), b"two\n" * 40000, False)  # larger than a socket buffer
+        assert log.read_bytes() == b"one\n" + b"two\n" * 40000
+        full = os.open("/dev/full", os.O_WRONLY)
+        with pytest.raises(OSError) as caught:
+            await appender.append(full, "/dev/full", b"three\n", True)
+        assert caught.value.errno == errno.ENOSPC
+        await appender.append(fd, str(log), b"four\n", True)  # an error does not end the helper
+        assert log.read_bytes().endswith(b"two\n" * 3 + b"four\n")
+        os.close(full)
+    finally:
+        appender.close()
+        os.close(fd)
+
+
+async def test_a_replaced_path_writes_nothing(tmp_path):
+    appender = Appender()
+    log = tmp_path / "log"
+    fd = open_log(log)
+    try:
+        await appender.append(fd, str(log), b"one\n", True)
+        log.rename(tmp_path / "log.1")  # logrotate
+        with pytest.raises(Replaced):
+            await appender.append(fd, str(log), b"two\n", True)
+        assert (tmp_path / "log.1").read_bytes() == b"one\n" and not log.exists()
+    finally:
+        appender.close()
+        os.close(fd)
+
+
+async def test_a_helper_killed_while_idle_is_started_again_without_an_error(tmp_path):
+    appender = Appender()
+    log = tmp_path / "log"
+    fd = open_log(log)
+    try:
+        appender.start()
+        first = appender.pid
+        os.kill(first, signal.SIGKILL)
+        assert gone(first)
+        await appender.append(fd, str(log), b"one\n", True)
+        assert appender.pid not in (None, first) and log.read_bytes() == b"one\n"
+        assert state_of(first) is None  # reaped, not left a zombie
+    finally:
+        appender.close()
+        os.close(fd)
+
+
+async def test_the_helper_ignores_terminal_and_reload_signals_and_ends_with_its_socket(tmp_path):
+    appender = Appender()
+    log = tmp_path / "log"
+    fd = open_log(log)
+    try:
+        await appender.append(fd, str(log), b"zero\n", True)  # started, and serving
+        pid = appender.pid
+        assert os.getsid(pid) == pid  # a session of its own: no terminal or process-group signal reaches it
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a stop, `pkill -HUP gateway`
+            os.kill(pid, sig)
+        await appender.append(fd, str(log), b"one\n", True)  # still there: the last lines go out while draining
+        assert appender.pid == pid
+    finally:
+        appender.close()
+        os.close(fd)
+    assert gone(pid)
+
+
+def test_the_helper_exits_when_its_parent_is_killed(tmp_path):
+    """A gateway killed with SIGKILL closes nothing itself: the helper sees its socket close and exits."""
+    script = ("import asyncio, os, time\n"
+              "from gateway.shell.appender import Appender\n"
+              "a = Appender()\n"
+              f"path = {str(tmp_path / 'log')!r}\n"
+              "fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)\n"
+              "asyncio.run(a.append(fd, path, b'x\\n', True))\n"
+              "print(a.pid, flush=True)\n"
+              "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        helper = int(parent.stdout.readline())
+        assert state_of(helper) not in (None, "Z")
+        parent.kill()
+        parent.wait(timeout=10)
+        assert gone(helper), "the audit log's helper outlived the process that started it"
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+async def test_the_audit_writer_survives_its_helper_dying_mid_group(tmp_path, monkeypatch):
+    """A helper that dies with half a group written: the group is cut back, written again, none is lost."""
+    path = tmp_path / "audit.jsonl"
+    writer = AuditWriter(path, None, None, "answer")
+    await writer.start()
+    loop = asyncio.get_running_loop()
+    try:
+        await writer.commit({"request_id": "r1"}, 5)
+        first = writer._appender.pid
+
+        async def dies_mid_write(sock, data):
+            chunk = data[len(os.fsencode(str(path))):]
+            os.write(writer._fd, chunk[: len(chunk) // 2])  # half of it on disk, as the helper would leave it
+            os.kill(first, signal.SIGKILL)
+            monkeypatch.undo()
+            await asyncio.get_running_loop().run_in_executor(None, gone, first)
+            return await loop.sock_sendall(sock, data)
+
+        monkeypatch.setattr(loop, "sock_sendall", dies_mid_write)
+        await writer.commit({"request_id": "r2"}, 5)  # waits out one failed write and its retry
+        await writer.commit({"request_id": "r3"}, 5)
+        assert writer._appender.pid not in (None, first)
+    finally:
+        await writer.close()
+    lines = path.read_bytes().splitlines()
+    proc = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", str(path)],
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [b'"request_id":"r%d"' % i in line for i, line in enumerate(lines, 1)] == [True] * 3
