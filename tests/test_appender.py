@@ -27,77 +27,60 @@ def gone(pid: int, deadline_s: float = 10) -> bool:
     return True
 
 
-def open_log(path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+@pytest.fixture
+def opened(tmp_path):
+    """An Appender and a log file open for appending: (appender, path, fd); both closed afterwards."""
+    appender, log = Appender(), tmp_path / "log"
+    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    yield appender, log, fd
+    appender.close()
+    os.close(fd)
 
 
-async def test_appends_chunks_and_passes_an_error_back(tmp_path):
-    appender = Appender()
-    log = tmp_path / "log"
-    fd = open_log(log)
-    try:
-        await appender.append(fd, str(log), b"one\n", True)
-        await appender.append(fd, str(log), b"two\n" * 40000, False)  # larger than a socket buffer
-        assert log.read_bytes() == b"one\n" + b"two\n" * 40000
-        full = os.open("/dev/full", os.O_WRONLY)
-        with pytest.raises(OSError) as caught:
-            await appender.append(full, "/dev/full", b"three\n", True)
-        assert caught.value.errno == errno.ENOSPC
-        await appender.append(fd, str(log), b"four\n", True)  # an error does not end the helper
-        assert log.read_bytes().endswith(b"two\n" * 3 + b"four\n")
-        os.close(full)
-    finally:
-        appender.close()
-        os.close(fd)
+async def test_appends_chunks_and_passes_an_error_back(opened):
+    appender, log, fd = opened
+    await appender.append(fd, str(log), b"one\n", True)
+    await appender.append(fd, str(log), b"two\n" * 40000, False)  # larger than a socket buffer
+    assert log.read_bytes() == b"one\n" + b"two\n" * 40000
+    full = os.open("/dev/full", os.O_WRONLY)
+    with pytest.raises(OSError) as caught:
+        await appender.append(full, "/dev/full", b"three\n", True)
+    assert caught.value.errno == errno.ENOSPC
+    await appender.append(fd, str(log), b"four\n", True)  # an error does not end the helper
+    assert log.read_bytes().endswith(b"two\n" * 3 + b"four\n")
+    os.close(full)
 
 
-async def test_a_replaced_path_writes_nothing(tmp_path):
-    appender = Appender()
-    log = tmp_path / "log"
-    fd = open_log(log)
-    try:
-        await appender.append(fd, str(log), b"one\n", True)
-        log.rename(tmp_path / "log.1")  # logrotate
-        with pytest.raises(Replaced):
-            await appender.append(fd, str(log), b"two\n", True)
-        assert (tmp_path / "log.1").read_bytes() == b"one\n" and not log.exists()
-    finally:
-        appender.close()
-        os.close(fd)
+async def test_a_replaced_path_writes_nothing(opened, tmp_path):
+    appender, log, fd = opened
+    await appender.append(fd, str(log), b"one\n", True)
+    log.rename(tmp_path / "log.1")  # logrotate
+    with pytest.raises(Replaced):
+        await appender.append(fd, str(log), b"two\n", True)
+    assert (tmp_path / "log.1").read_bytes() == b"one\n" and not log.exists()
 
 
-async def test_a_helper_killed_while_idle_is_started_again_without_an_error(tmp_path):
-    appender = Appender()
-    log = tmp_path / "log"
-    fd = open_log(log)
-    try:
-        appender.start()
-        first = appender.pid
-        os.kill(first, signal.SIGKILL)
-        assert gone(first)
-        await appender.append(fd, str(log), b"one\n", True)
-        assert appender.pid not in (None, first) and log.read_bytes() == b"one\n"
-        assert state_of(first) is None  # reaped, not left a zombie
-    finally:
-        appender.close()
-        os.close(fd)
+async def test_a_helper_killed_while_idle_is_started_again_without_an_error(opened):
+    appender, log, fd = opened
+    appender.start()
+    first = appender.pid
+    os.kill(first, signal.SIGKILL)
+    assert gone(first)
+    await appender.append(fd, str(log), b"one\n", True)
+    assert appender.pid not in (None, first) and log.read_bytes() == b"one\n"
+    assert state_of(first) is None  # reaped, not left a zombie
 
 
-async def test_the_helper_ignores_terminal_and_reload_signals_and_ends_with_its_socket(tmp_path):
-    appender = Appender()
-    log = tmp_path / "log"
-    fd = open_log(log)
-    try:
-        await appender.append(fd, str(log), b"zero\n", True)  # started, and serving
-        pid = appender.pid
-        assert os.getsid(pid) == pid  # a session of its own: no terminal or process-group signal reaches it
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a stop, `pkill -HUP gateway`
-            os.kill(pid, sig)
-        await appender.append(fd, str(log), b"one\n", True)  # still there: the last lines go out while draining
-        assert appender.pid == pid
-    finally:
-        appender.close()
-        os.close(fd)
+async def test_the_helper_ignores_terminal_and_reload_signals_and_ends_with_its_socket(opened):
+    appender, log, fd = opened
+    await appender.append(fd, str(log), b"zero\n", True)  # started, and serving
+    pid = appender.pid
+    assert os.getsid(pid) == pid  # a session of its own: no terminal or process-group signal reaches it
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # Ctrl-C, a stop, `pkill -HUP gateway`
+        os.kill(pid, sig)
+    await appender.append(fd, str(log), b"one\n", True)  # still there: the last lines go out while draining
+    assert appender.pid == pid
+    appender.close()
     assert gone(pid)
 
 
