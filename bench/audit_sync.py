@@ -1,21 +1,19 @@
 """What `audit.sync: answer` costs against `batch`: req/s and latency, measured with autocannon.
 
-Two gateways in front of one trivial upstream (bench/gateway.py's), alike but for
-`audit.sync`, loaded in turn (A B A B) by autocannon with a client certificate
-(node and ../shared/bench/load.js, or LOAD_JS=path): 32 keep-alive connections,
-GET /orders/{id}/state. Prints each run and the medians.
+Two gateways in front of bench/gateway.py's nginx upstream, alike (every feature on, as
+there) but for `audit.sync`, loaded in turn (A B A B) by bench/load.js (autocannon, a
+client certificate; `npm install` in bench/ the first time, done here when missing):
+32 keep-alive connections, GET /orders/{id}/state. Prints each run and the medians.
 
-    cp -r ../shared/bench /tmp/load && (cd /tmp/load && npm install --silent)
-    LOAD_JS=/tmp/load/load.js python bench/audit_sync.py [--seconds 5] [--rounds 2]
+    python bench/audit_sync.py [--seconds 5] [--rounds 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -28,24 +26,16 @@ _spec.loader.exec_module(bench)
 from support import free_port  # noqa: E402
 
 
-def autocannon(load_js: str, url: str, pki_dir: Path, connections: int, seconds: float) -> dict:
-    out = subprocess.run(
-        ["node", load_js, url, str(connections), str(seconds), str(pki_dir / "ca.crt"),
-         str(pki_dir / "clients" / "bench.crt"), str(pki_dir / "clients" / "bench.key")],
-        capture_output=True, text=True, check=True, timeout=seconds + 60)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--connections", type=int, default=32)
     args = parser.parse_args()
-    load_js = os.environ.get("LOAD_JS", str(bench.ROOT.parent / "shared" / "bench" / "load.js"))
-    if not Path(load_js).is_file():
-        print(f"no load script at {load_js}: set LOAD_JS (see this file's docstring)", file=sys.stderr)
-        return 2
+    binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
+    if binary is None:
+        raise SystemExit("nginx is needed: it is the upstream (Debian: apt install nginx)")
+    bench.ensure_autocannon()
     procs = []
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as name:
         tmp = Path(name)
@@ -53,26 +43,24 @@ def main() -> int:
         bench.pki.init(pki_dir, ["bench"])
         ctx = bench.client_ssl(pki_dir, "bench")
         try:
-            procs.append(upstream := bench.start([sys.executable, bench.__file__, "--serve-upstream", str(up)],
-                                                 tmp / "up.log"))
-            bench.wait_ready("upstream", upstream, tmp / "up.log",
-                             lambda: bench.http_get(f"http://127.0.0.1:{up}/orders/{bench.ORDER_ID}"))
+            procs.append(bench.nginx(binary, tmp / "upstream", bench.NGINX_UPSTREAM, port=up,
+                                     order=json.dumps({"id": bench.ORDER_ID, "solicitor": bench.SOLICITOR})))
             urls = {}
             for sync in ("answer", "batch"):
                 (d := tmp / sync).mkdir()
                 (d / "pki").symlink_to(pki_dir)
-                config, port, admin = bench.write_gateway_config(d, up)
+                config, port, admin = bench.gateway_config(d, up)
                 data = json.loads(config.read_text())
                 data["audit"]["sync"] = sync
                 config.write_text(json.dumps(data))
                 procs.append(gw := bench.start([sys.executable, "-m", "gateway", "serve", "-c", str(config)],
-                                               d / "gw.log"))
-                bench.wait_ready(sync, gw, d / "gw.log", lambda: bench.handshake(port, ctx))
+                                               d / "gw.log", cwd=bench.ROOT))
+                bench.poll_ready(sync, gw, lambda p=port: bench.handshake_probe(p, ctx), 60, d / "gw.log")
                 urls[sync] = f"https://127.0.0.1:{port}/orders/{bench.ORDER_ID}/state"
             runs: dict[str, list[dict]] = {"answer": [], "batch": []}
             for _ in range(args.rounds):
                 for sync, url in urls.items():
-                    r = autocannon(load_js, url, pki_dir, args.connections, args.seconds)
+                    r = bench.load("load.js", url, pki_dir, args.connections, args.seconds)
                     runs[sync].append(r)
                     print(f"sync: {sync:<6} {r['rps']:8.0f} req/s  p50 {r['p50']:5.1f} ms  p99 {r['p99']:5.1f} ms  "
                           f"non-2xx {r['non2xx']}  errors {r['errors']}")
