@@ -111,20 +111,20 @@ async def test_the_audit_writer_survives_its_helper_dying_mid_group(tmp_path, mo
     path = tmp_path / "audit.jsonl"
     writer = AuditWriter(path, None, None, "answer")
     await writer.start()
-    loop = asyncio.get_running_loop()
     try:
         await writer.commit({"request_id": "r1"}, 5)
         first = writer._appender.pid
+        real_read = Appender._read
 
-        async def dies_mid_write(sock, data):
-            chunk = data[len(os.fsencode(str(path))):]
-            os.write(writer._fd, chunk[: len(chunk) // 2])  # half of it on disk, as the helper would leave it
+        async def dies_after_saying_where(self, n):
+            data = await real_read(self, n)  # where the chunk begins: the helper writes next
+            os.write(writer._fd, b'{"request_id":"r2","st')  # as far as it got
             os.kill(first, signal.SIGKILL)
             monkeypatch.undo()
             await asyncio.get_running_loop().run_in_executor(None, gone, first)
-            return await loop.sock_sendall(sock, data)
+            return data
 
-        monkeypatch.setattr(loop, "sock_sendall", dies_mid_write)
+        monkeypatch.setattr(Appender, "_read", dies_after_saying_where)
         await writer.commit({"request_id": "r2"}, 5)  # waits out one failed write and its retry
         await writer.commit({"request_id": "r3"}, 5)
         assert writer._appender.pid not in (None, first)

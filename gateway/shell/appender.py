@@ -8,8 +8,9 @@ CPU a request). Writing from the loop itself would avoid that, but a write or a 
 block for long (a frozen filesystem, a hung network mount, dirty-page throttling), and
 then the whole gateway would stop instead of answering 503. The helper
 (appender_child.py, a process with its own GIL) gets the log's descriptor over a Unix
-socket (SCM_RIGHTS) with the chunk, appends, fsyncs and answers one byte; the loop waits
-for that byte like for any socket read.
+socket (SCM_RIGHTS) with the chunk, appends, fsyncs and answers; the loop waits for the
+answer like for any socket read, and touches the file itself only to cut a chunk back
+when the helper died half-way through it (in a thread: that is rare).
 
 The helper is in a session of its own (no terminal or process-group signal reaches it),
 ignores SIGINT, SIGTERM and SIGHUP, exits when its socket closes (the gateway stopped,
@@ -25,7 +26,7 @@ import socket
 import subprocess
 import sys
 
-from gateway.shell.appender_child import HEADER, REPLACED
+from gateway.shell.appender_child import HEADER, NOTHING, REPLACED, START
 
 
 class Replaced(Exception):
@@ -65,27 +66,39 @@ class Appender:
         the file (nothing written); OSError when it could not be made durable (the chunk cut back off)."""
         async with self._lock:
             self.start()
-            start = os.lseek(fd, 0, os.SEEK_END)  # where the chunk begins, should the helper die mid-way
+            loop = asyncio.get_running_loop()
             name = os.fsencode(path)
+            start = NOTHING  # until the helper says where the chunk begins, nothing of it is written
             try:
-                socket.send_fds(self._sock, [HEADER.pack(check_path, start, len(name), len(chunk))], [fd])
-                await asyncio.get_running_loop().sock_sendall(self._sock, name + chunk)
-                answer = await asyncio.get_running_loop().sock_recv(self._sock, 1)
-            except OSError as exc:
+                socket.send_fds(self._sock, [HEADER.pack(check_path, len(name), len(chunk))], [fd])
+                await loop.sock_sendall(self._sock, name + chunk)
+                start = START.unpack(await self._read(START.size))[0]
+                answer = (await self._read(1))[0]
+            except (OSError, EOFError) as exc:
                 self._reset()
-                self._cut(fd, start)
-                raise OSError(errno.EIO, f"the audit log's helper process failed ({exc.strerror or exc})") from None
+                if start != NOTHING:  # it died half-way: cut back what it may have written
+                    await loop.run_in_executor(None, self._cut, fd, start)
+                why = "exited" if isinstance(exc, EOFError) else f"failed ({exc.strerror or exc})"
+                raise OSError(errno.EIO, f"the audit log's helper process {why}") from None
             except BaseException:
-                self._reset()  # cancelled mid-call: its answer would be taken for the next call's
-                raise
-            if not answer:
+                # Cancelled mid-call (the writer's close ran out of time): its answer would be taken for
+                # the next call's. A chunk the helper was writing may end in a torn line, which the next
+                # start moves aside and records.
                 self._reset()
-                self._cut(fd, start)
-                raise OSError(errno.EIO, "the audit log's helper process exited")
-            if answer == bytes([REPLACED]):
+                raise
+            if answer == REPLACED:
                 raise Replaced()
-            if answer != b"\0":
-                raise OSError(answer[0], os.strerror(answer[0]))
+            if answer:
+                raise OSError(answer, os.strerror(answer))
+
+    async def _read(self, n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            part = await asyncio.get_running_loop().sock_recv(self._sock, n - len(data))
+            if not part:
+                raise EOFError()
+            data += part
+        return data
 
     @staticmethod
     def _cut(fd: int, start: int) -> None:

@@ -1,12 +1,14 @@
 """The audit log's appender process: append a chunk to a descriptor it is passed, fsync, answer.
 
 Started by appender.Appender (`python -m gateway.shell.appender_child FD`), never by hand.
-Each message: a header (whether to check the path still names the file, the file's size
-before the chunk, the path's and the chunk's lengths) with the descriptor attached
-(SCM_RIGHTS), then the path and the chunk. The answer is one byte: 0 when the chunk is on
-disk, REPLACED when the path no longer names the file (nothing written), else the errno of
-the write or fsync that failed, the chunk having been cut back off the file. It imports
-nothing of the gateway, so it starts fast; it exits when its socket closes.
+Each message: a header (whether to check the path still names the file, the path's and the
+chunk's lengths) with the descriptor attached (SCM_RIGHTS), then the path and the chunk.
+The answer: first the file's size before the chunk (NOTHING when nothing will be
+written), sent before any byte is written, so that the gateway can cut the chunk back
+should this process die half-way; then one byte: 0 when the chunk is on disk, REPLACED
+when the path no longer names the file, else the errno of what failed, the chunk having
+been cut back off the file. It imports nothing of the gateway, so it starts fast; it
+exits when its socket closes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import stat
 import struct
 import sys
 
-HEADER = struct.Struct("!BQII")   # check the path?, size before the chunk, path length, chunk length
+HEADER = struct.Struct("!BII")    # check the path?, path length, chunk length
+START = struct.Struct("!Q")       # the file's size before the chunk
+NOTHING = 2 ** 64 - 1             # ... or: nothing will be written
 REPLACED = 255
 
 
@@ -35,9 +39,17 @@ def replaced(fd: int, path) -> bool:
     return (on_disk.st_ino, on_disk.st_dev) != (mine.st_ino, mine.st_dev)
 
 
-def append(fd: int, check: bool, start: int, path: bytes, chunk: bytes) -> int:
-    if check and replaced(fd, path):
-        return REPLACED
+def append(sock: socket.socket, fd: int, check: bool, path: bytes, chunk: bytes) -> int:
+    """Append and fsync, telling the gateway where the chunk starts first; the answer byte."""
+    try:
+        if check and replaced(fd, path):
+            sock.sendall(START.pack(NOTHING))
+            return REPLACED
+        start = os.lseek(fd, 0, os.SEEK_END)
+    except OSError as exc:  # the path or the file could not be looked at
+        sock.sendall(START.pack(NOTHING))
+        return _errno(exc)
+    sock.sendall(START.pack(start))
     try:
         view = memoryview(chunk)
         while view:
@@ -49,7 +61,11 @@ def append(fd: int, check: bool, start: int, path: bytes, chunk: bytes) -> int:
             os.ftruncate(fd, start)
         except OSError:
             pass
-        return exc.errno if exc.errno and 0 < exc.errno < REPLACED else errno.EIO
+        return _errno(exc)
+
+
+def _errno(exc: OSError) -> int:
+    return exc.errno if exc.errno and 0 < exc.errno < REPLACED else errno.EIO
 
 
 def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
@@ -72,7 +88,7 @@ def serve(sock: socket.socket) -> None:
             rest = _read_exactly(sock, HEADER.size - len(head))
             if rest is None:
                 return
-            check, start, path_len, chunk_len = HEADER.unpack(head + rest)
+            check, path_len, chunk_len = HEADER.unpack(head + rest)
             body = _read_exactly(sock, path_len + chunk_len)
             if body is None:
                 return
@@ -80,18 +96,17 @@ def serve(sock: socket.socket) -> None:
             return
         for extra in fds[1:]:
             os.close(extra)
-        if not fds:
-            answer = errno.EBADF
-        else:
-            try:
-                answer = append(fds[0], bool(check), start, body[:path_len], body[path_len:])
-            except OSError as exc:  # the path could not be looked at
-                answer = exc.errno if exc.errno and 0 < exc.errno < REPLACED else errno.EIO
-            finally:
-                os.close(fds[0])
         try:
+            if not fds:
+                sock.sendall(START.pack(NOTHING))
+                answer = errno.EBADF
+            else:
+                try:
+                    answer = append(sock, fds[0], bool(check), body[:path_len], body[path_len:])
+                finally:
+                    os.close(fds[0])
             sock.sendall(bytes([answer]))
-        except OSError:
+        except OSError:  # the gateway is gone
             return
 
 
