@@ -265,22 +265,22 @@ def _read(path: Path, what: str) -> bytes:
         raise PKIError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
-def load_cert(path: Path) -> x509.Certificate:
-    """Read a PEM certificate, or raise PKIError."""
+def _load_pem(path: Path, what: str, loader):
     path = Path(path)
     try:
-        return x509.load_pem_x509_certificate(_read(path, "certificate"))
+        return loader(_read(path, what))
     except ValueError:
-        raise PKIError(f"{path}: not a PEM certificate") from None
+        raise PKIError(f"{path}: not a PEM {what}") from None
+
+
+def load_cert(path: Path) -> x509.Certificate:
+    """Read a PEM certificate, or raise PKIError."""
+    return _load_pem(path, "certificate", x509.load_pem_x509_certificate)
 
 
 def load_crl(path: Path) -> x509.CertificateRevocationList:
     """Read a PEM CRL, or raise PKIError."""
-    path = Path(path)
-    try:
-        return x509.load_pem_x509_crl(_read(path, "CRL"))
-    except ValueError:
-        raise PKIError(f"{path}: not a PEM CRL") from None
+    return _load_pem(path, "CRL", x509.load_pem_x509_crl)
 
 
 def load_ca(dir: Path) -> tuple[x509.Certificate, PrivateKey]:
