@@ -18,12 +18,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-import importlib.util  # noqa: E402
+from support import bench_gateway, free_port
 
-_spec = importlib.util.spec_from_file_location("bench_gateway", Path(__file__).resolve().parent / "gateway.py")
-bench = importlib.util.module_from_spec(_spec)  # bench/gateway.py, whose name the gateway package shadows
-_spec.loader.exec_module(bench)
-from support import free_port  # noqa: E402
+bench = bench_gateway()
 
 
 def main() -> int:

@@ -22,6 +22,8 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -34,24 +36,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH.parent))
-sys.path.insert(1, str(BENCH))
-import gateway as _package  # noqa: E402,F401  (the package, before bench/gateway.py could shadow it)
+sys.path.insert(0, str(BENCH.parent))  # before bench/ itself, whose gateway.py is not the package
 from gateway.runtime.lifecycle import start, stop  # noqa: E402
 from gateway.shell.settings import load_config  # noqa: E402
 from gateway.tools import pki  # noqa: E402
+from support import bench_gateway  # noqa: E402
 
 CONCURRENCY = 32
-
-
-def _bench_gateway():
-    """bench/gateway.py as a module (its name is the package's): the nginx upstream and the config."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_gateway", BENCH / "gateway.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 class _Certificate:
@@ -134,9 +125,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=9600)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
-    bg = _bench_gateway()
-    import shutil
-
+    bg = bench_gateway()
     binary = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/sbin")
     if binary is None:
         raise SystemExit("nginx is needed: it is the upstream (Debian: apt install nginx)")
@@ -148,18 +137,13 @@ def main() -> int:
                          order=json.dumps({"id": bg.ORDER_ID, "solicitor": bg.SOLICITOR}))
         try:
             config_path, _, _ = bg.gateway_config(tmp, upstream)
-            bg.poll_ready("nginx", nginx, lambda: bg.free_port() and _connect(upstream), 30)
+            bg.poll_ready("nginx", nginx,
+                          lambda: socket.create_connection(("127.0.0.1", upstream), timeout=1).close(), 30)
             os.chdir(tmp)  # the config's relative paths
             asyncio.run(_run(config_path, tmp / "pki", f"/orders/{bg.ORDER_ID}/state", args.requests, args.rounds))
         finally:
             bg.stop(nginx)
     return 0
-
-
-def _connect(port: int) -> None:
-    import socket
-
-    socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""What the benchmarks share: free ports, client TLS, readiness polls, stopping servers."""
+"""What the benchmarks share: free ports, client TLS, readiness polls, stopping servers, bench/gateway.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import socket
 import ssl
 import subprocess
@@ -52,3 +53,12 @@ def stop(proc: subprocess.Popen | None, timeout_s: float = 15) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def bench_gateway():
+    """bench/gateway.py as a module (its upstream, its config, its load runner): imported by path,
+    because its name is the gateway package's."""
+    spec = importlib.util.spec_from_file_location("bench_gateway", Path(__file__).resolve().parent / "gateway.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
