@@ -33,7 +33,7 @@ def children(pid: int, helpers: bool = False) -> list[int]:
 
 def is_audit_helper(pid: int) -> bool:
     try:
-        return b"gateway.shell.appender_child" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return b"appender_child.py" in Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
 

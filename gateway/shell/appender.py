@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 
+from gateway.shell import appender_child
 from gateway.shell.appender_child import HEADER, NOTHING, REPLACED, START
 
 
@@ -51,7 +52,9 @@ class Appender:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 self._proc = subprocess.Popen(
-                    [sys.executable, "-m", "gateway.shell.appender_child", str(theirs.fileno())],
+                    # by file, isolated (-I) and without site (-S): it needs only the standard
+                    # library, so it starts wherever the gateway was imported from, and sooner
+                    [sys.executable, "-I", "-S", appender_child.__file__, str(theirs.fileno())],
                     pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, start_new_session=True)
             except BaseException:
                 ours.close()

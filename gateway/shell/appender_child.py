@@ -1,6 +1,6 @@
 """The audit log's appender process: append a chunk to a descriptor it is passed, fsync, answer.
 
-Started by appender.Appender (`python -m gateway.shell.appender_child FD`), never by hand.
+Started by appender.Appender (`python -I -S .../appender_child.py FD`), never by hand.
 Each message: a header (whether to check the path still names the file, the path's and the
 chunk's lengths) with the descriptor attached (SCM_RIGHTS), then the path and the chunk.
 The answer: first the file's size before the chunk (NOTHING when nothing will be
