@@ -159,3 +159,12 @@ def test_a_sealed_line_verifies_and_reads_as_its_record():
     line, digest = seal({"b": 1, "a": "x\u00e9"}, GENESIS, b"k" * 16)
     assert json.loads(line) == {"a": "x\u00e9", "b": 1, "prev": GENESIS, "hash": digest}
     assert verify([line], b"k" * 16).ok and line.isascii()
+
+
+def test_the_hash_of_a_sealed_line_is_read_off_its_end():
+    """The writer learns the last hash on disk from the line itself, whatever the record held."""
+    from gateway.core.audit import GENESIS, seal, sealed_hash
+
+    for record, key in [({"b": 1}, None), ({"reason": 'a "hash":"x" inside', "hash": "forged"}, b"k" * 16)]:
+        line, digest = seal(record, GENESIS, key)
+        assert sealed_hash(line) == digest == json.loads(line)["hash"]

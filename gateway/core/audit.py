@@ -47,6 +47,11 @@ def seal(record: dict, prev: str, key: bytes | None) -> tuple[bytes, str]:
     return body[:-1] + b',"hash":"' + digest.encode("ascii") + b'"}\n', digest
 
 
+def sealed_hash(line: bytes) -> str:
+    """The hash of a line made by seal() (its last key), without parsing the line."""
+    return line[line.rindex(b'"hash":"') + 8:-3].decode("ascii")
+
+
 @dataclass(frozen=True)
 class VerifyResult:
     ok: bool

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import os
 import stat
@@ -31,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal, timestamp
+from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal, sealed_hash, timestamp
 from gateway.shell.appender import Appender, Replaced
 from gateway.shell.appender_child import replaced
 
@@ -379,7 +378,7 @@ class AuditWriter:
             self.problem = None
         done, self._sealed = self._sealed[:written], self._sealed[written:]
         if done:
-            self._written_prev = json.loads(done[-1][1])["hash"]
+            self._written_prev = sealed_hash(done[-1][1])
         for _, _, waiter in done:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
