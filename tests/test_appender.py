@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -40,8 +41,8 @@ def opened(tmp_path):
 async def test_appends_chunks_and_passes_an_error_back(opened):
     appender, log, fd = opened
     await appender.append(fd, str(log), b"one\n", True)
-    await appender.append(fd, str(log), b"two\n" * 40000, False)  # larger than a socket buffer
-    assert log.read_bytes() == b"one\n" + b"two\n" * 40000
+    await appender.append(fd, str(log), b"two\n" * 100000, False)  # larger than a socket buffer
+    assert log.read_bytes() == b"one\n" + b"two\n" * 100000
     full = os.open("/dev/full", os.O_WRONLY)
     with pytest.raises(OSError) as caught:
         await appender.append(full, "/dev/full", b"three\n", True)
@@ -114,17 +115,19 @@ async def test_the_audit_writer_survives_its_helper_dying_mid_group(tmp_path, mo
     try:
         await writer.commit({"request_id": "r1"}, 5)
         first = writer._appender.pid
-        real_read = Appender._read
+        real_outcome = Appender._outcome
 
-        async def dies_after_saying_where(self, n):
-            data = await real_read(self, n)  # where the chunk begins: the helper writes next
-            os.write(writer._fd, b'{"request_id":"r2","st')  # as far as it got
+        async def dies_after_saying_where(self):
+            # the helper says where the chunk begins, then writes: stop it there, as far as it got
+            assert select.select([self._where], [], [], 10)[0], "the helper never said where the chunk begins"
+            os.kill(first, signal.SIGSTOP)
+            os.write(writer._fd, b'{"request_id":"r2","st')
             os.kill(first, signal.SIGKILL)
             monkeypatch.undo()
             await asyncio.get_running_loop().run_in_executor(None, gone, first)
-            return data
+            return await real_outcome(self)
 
-        monkeypatch.setattr(Appender, "_read", dies_after_saying_where)
+        monkeypatch.setattr(Appender, "_outcome", dies_after_saying_where)
         await writer.commit({"request_id": "r2"}, 5)  # waits out one failed write and its retry
         await writer.commit({"request_id": "r3"}, 5)
         assert writer._appender.pid not in (None, first)

@@ -1,14 +1,14 @@
 """The audit log's appender process: append a chunk to a descriptor it is passed, fsync, answer.
 
-Started by appender.Appender (`python -I -S .../appender_child.py FD`), never by hand.
-Each message: a header (whether to check the path still names the file, the path's and the
-chunk's lengths) with the descriptor attached (SCM_RIGHTS), then the path and the chunk.
-The answer: first the file's size before the chunk (NOTHING when nothing will be
-written), sent before any byte is written, so that the gateway can cut the chunk back
-should this process die half-way; then one byte: 0 when the chunk is on disk, REPLACED
-when the path no longer names the file, else the errno of what failed, the chunk having
-been cut back off the file. It imports nothing of the gateway, so it starts fast; it
-exits when its socket closes.
+Started by appender.Appender (`python -I -S .../appender_child.py SOCKET_FD PIPE_FD`), never by hand.
+Each message on the socket: a header (whether to check the path still names the file, the
+path's and the chunk's lengths) with the descriptor attached (SCM_RIGHTS), then the path and
+the chunk. Before writing a byte of the chunk, the file's size (where the chunk begins) goes
+on the pipe, so that the gateway can cut the chunk back should this process die half-way.
+The answer on the socket is one byte: 0 when the chunk is on disk, REPLACED when the path no
+longer names the file (nothing written), else the errno of what failed, the chunk having
+been cut back off the file. It imports nothing of the gateway, so it starts fast; it exits
+when its socket closes.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import sys
 
 HEADER = struct.Struct("!BII")    # check the path?, path length, chunk length
 START = struct.Struct("!Q")       # the file's size before the chunk
-NOTHING = 2 ** 64 - 1             # ... or: nothing will be written
 REPLACED = 255
 
 
@@ -39,17 +38,15 @@ def replaced(fd: int, path) -> bool:
     return (on_disk.st_ino, on_disk.st_dev) != (mine.st_ino, mine.st_dev)
 
 
-def append(sock: socket.socket, fd: int, check: bool, path: bytes, chunk: bytes) -> int:
-    """Append and fsync, telling the gateway where the chunk starts first; the answer byte."""
+def append(where: int, fd: int, check: bool, path: bytes, chunk: bytes) -> int:
+    """Append and fsync, saying first on `where` where the chunk begins; the answer byte."""
     try:
         if check and replaced(fd, path):
-            sock.sendall(START.pack(NOTHING))
             return REPLACED
         start = os.lseek(fd, 0, os.SEEK_END)
     except OSError as exc:  # the path or the file could not be looked at
-        sock.sendall(START.pack(NOTHING))
         return _errno(exc)
-    sock.sendall(START.pack(start))
+    os.write(where, START.pack(start))  # fewer bytes than PIPE_BUF: all at once
     try:
         view = memoryview(chunk)
         while view:
@@ -79,7 +76,7 @@ def _read_exactly(sock: socket.socket, n: int) -> bytes | None:
     return b"".join(parts)
 
 
-def serve(sock: socket.socket) -> None:
+def serve(sock: socket.socket, where: int) -> None:
     while True:
         try:
             head, fds, _, _ = socket.recv_fds(sock, HEADER.size, 4)
@@ -98,11 +95,10 @@ def serve(sock: socket.socket) -> None:
             os.close(extra)
         try:
             if not fds:
-                sock.sendall(START.pack(NOTHING))
                 answer = errno.EBADF
             else:
                 try:
-                    answer = append(sock, fds[0], bool(check), body[:path_len], body[path_len:])
+                    answer = append(where, fds[0], bool(check), body[:path_len], body[path_len:])
                 finally:
                     os.close(fds[0])
             sock.sendall(bytes([answer]))
@@ -113,4 +109,4 @@ def serve(sock: socket.socket) -> None:
 if __name__ == "__main__":
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)  # ends with its socket, after the gateway's last lines
-    serve(socket.socket(fileno=int(sys.argv[1])))
+    serve(socket.socket(fileno=int(sys.argv[1])), int(sys.argv[2]))
