@@ -16,7 +16,8 @@ here when node_modules is missing), GET /orders/{id}/state:
 - paced.js: the same connections opened first, then requests evenly spaced at half the
   gateway's peak rate: p50/p99 where no queue builds up (autocannon's rate limiting bursts);
 - handshakes.js: 16 requests in flight, a new TLS connection each (no resumption).
-CPU microseconds a request are read from /proc for the target's process (nginx: its worker).
+CPU microseconds a request are read from /proc for the target's process and its children
+(nginx: its worker; the gateway: with its audit helper).
 Prints every round, then medians with their spread (min-max) and the ratios
 gateway/nginx and gateway/bare. The load generator check: nginx must come out far
 above the gateway, or the figures say nothing.
@@ -135,9 +136,19 @@ def gateway_config(tmp: Path, upstream_port: int) -> tuple[Path, int, int]:
     return path, port, admin
 
 
+def _processes():
+    """(pid, fields of /proc/PID/stat after the command name) of every process."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+
+
 def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime of all threads, in clock ticks
+    """utime + stime of the process's threads and of its children still running (the gateway's
+    audit helper writes and fsyncs its lines: part of what a request costs), in clock ticks."""
+    return sum(int(f[11]) + int(f[12]) for p, f in _processes() if p == pid or int(f[1]) == pid)
 
 
 def load(script: str, url: str, pki_dir: Path, conns: int, seconds: float, rate: float = 0,
@@ -223,14 +234,7 @@ def main() -> int:
 def _worker_pid(folder: Path) -> int | None:
     """nginx's worker process (the master only forks it): where its CPU time goes."""
     master = int((folder / "nginx.pid").read_text())
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == master:
-            return int(stat.parent.name)
-    return None
+    return next((pid for pid, fields in _processes() if int(fields[1]) == master), None)
 
 
 def _print_round(i: int, r: dict, half: float) -> None:
