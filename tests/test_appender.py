@@ -112,29 +112,43 @@ async def test_the_audit_writer_survives_its_helper_dying_mid_group(tmp_path, mo
     path = tmp_path / "audit.jsonl"
     writer = AuditWriter(path, None, None, "answer")
     await writer.start()
+    killed: list[int] = []
+    count = 1
     try:
         await writer.commit({"request_id": "r1"}, 5)
-        first = writer._appender.pid
         real_outcome = Appender._outcome
 
         async def dies_after_saying_where(self):
             # the helper says where the chunk begins, then writes: stop it there, as far as it got
             assert select.select([self._where], [], [], 10)[0], "the helper never said where the chunk begins"
-            os.kill(first, signal.SIGSTOP)
-            os.write(writer._fd, b'{"request_id":"r2","st')
-            os.kill(first, signal.SIGKILL)
+            os.kill(self.pid, signal.SIGSTOP)
+            deadline = time.monotonic() + 10
+            while state_of(self.pid) != "T" and time.monotonic() < deadline:  # stopped, not about to send
+                time.sleep(0.001)
+            if select.select([self._sock], [], [], 0)[0]:  # too late: it has answered; try the next chunk
+                os.kill(self.pid, signal.SIGCONT)
+                return await real_outcome(self)
+            os.write(writer._fd, b'{"request_id":"r%d","st' % count)
+            killed.append(self.pid)
+            os.kill(self.pid, signal.SIGKILL)
             monkeypatch.undo()
-            await asyncio.get_running_loop().run_in_executor(None, gone, first)
-            return await real_outcome(self)
+            await asyncio.get_running_loop().run_in_executor(None, gone, killed[0])
+            with pytest.raises(EOFError):
+                await real_outcome(self)
+            raise EOFError()
 
         monkeypatch.setattr(Appender, "_outcome", dies_after_saying_where)
-        await writer.commit({"request_id": "r2"}, 5)  # waits out one failed write and its retry
-        await writer.commit({"request_id": "r3"}, 5)
-        assert writer._appender.pid not in (None, first)
+        while not killed and count < 20:
+            count += 1
+            await writer.commit({"request_id": f"r{count}"}, 5)  # waits out one failed write and its retry
+        assert killed, "the helper answered every chunk before it could be stopped"
+        count += 1
+        await writer.commit({"request_id": f"r{count}"}, 5)
+        assert writer._appender.pid not in (None, killed[0])
     finally:
         await writer.close()
     lines = path.read_bytes().splitlines()
     proc = subprocess.run([sys.executable, "-m", "gateway", "audit", "verify", str(path)],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert [b'"request_id":"r%d"' % i in line for i, line in enumerate(lines, 1)] == [True] * 3
+    assert [b'"request_id":"r%d"' % i in line for i, line in enumerate(lines, 1)] == [True] * count

@@ -112,7 +112,9 @@ class Appender:
                 self._reset()
                 raise
             finally:
-                self._waiter = None
+                waiter, self._waiter = self._waiter, None
+                if waiter.done() and not waiter.cancelled():
+                    waiter.exception()  # seen: the helper's end, when a failed send is what is raised
             self._said()  # drained: where this chunk began is of no more use
             if answer == REPLACED:
                 raise Replaced()
@@ -145,15 +147,10 @@ class Appender:
 
     def _said(self) -> int | None:
         """Where the helper said the chunk under way begins, None when it said nothing (the pipe drained)."""
-        said = b""
-        while self._where is not None:
-            try:
-                part = os.read(self._where, 4096)
-            except (BlockingIOError, InterruptedError):
-                break
-            if not part:
-                break
-            said += part
+        try:
+            said = os.read(self._where, 4096) if self._where is not None else b""
+        except (BlockingIOError, InterruptedError):
+            said = b""
         return START.unpack_from(said, len(said) - START.size)[0] if len(said) >= START.size else None
 
     def _unwatch(self) -> None:
