@@ -48,9 +48,8 @@ def _ping(port: int) -> bool:
         return False
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    """A throw-away redis-server on a free 127.0.0.1 port; yields its redis:// URL."""
+def start_redis(port: int, folder: Path) -> subprocess.Popen:
+    """A redis-server on 127.0.0.1:port, answering PING (skips or fails as above when there is none)."""
     exe = shutil.which("redis-server")
     if exe is None:
         _redis_missing("redis-server is not on PATH")
@@ -58,24 +57,36 @@ def redis_server(tmp_path):
         import redis  # noqa: F401  (RedisStorage needs the client library)
     except ImportError:
         _redis_missing("the redis Python package is not installed (pip install -e '.[test]')")
-    port = free_port()
     proc = subprocess.Popen(
         [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path)],
+         "--dir", str(folder)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    deadline = time.monotonic() + 10
+    while not _ping(port):
+        if proc.poll() is not None:
+            pytest.fail(f"redis-server exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
+        if time.monotonic() > deadline:
+            stop_redis(proc)
+            pytest.fail(f"redis-server did not answer PING on port {port} within 10 s")
+        time.sleep(0.02)
+    return proc
+
+
+def stop_redis(proc: subprocess.Popen) -> None:
+    stop_process(proc, timeout_s=5)
+    proc.stdout.close()
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A throw-away redis-server on a free 127.0.0.1 port; yields its redis:// URL."""
+    port = free_port()
+    proc = start_redis(port, tmp_path)
     try:
-        deadline = time.monotonic() + 10
-        while not _ping(port):
-            if proc.poll() is not None:
-                pytest.fail(f"redis-server exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"redis-server did not answer PING on port {port} within 10 s")
-            time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        stop_process(proc, timeout_s=5)
-        proc.stdout.close()
+        stop_redis(proc)
 
 
 # -- helpers ----------------------------------------------------------------------------
@@ -148,6 +159,64 @@ async def test_redis_storage_gives_the_same_verdicts_as_memory_storage(redis_ser
         assert g.retry_after_s == pytest.approx(w.retry_after_s, abs=1.0)
         assert g.reset_s == pytest.approx(w.reset_s, abs=1.0)
         assert g.headers().keys() == w.headers().keys()
+
+
+async def test_checks_at_the_same_time_share_round_trips_and_are_each_decided_atomically(redis_server,
+                                                                                         monkeypatch):
+    """60 checks at once against a burst of 10: exactly 10 pass, each with its own count of what is
+    left, and they went to Redis in fewer round trips than checks."""
+    from gateway.shell.limits_redis import RedisStorage
+
+    storage = RedisStorage(redis_server)
+    trips: list[int] = []
+    real = RedisStorage._pipeline
+
+    async def counted(self, batch):
+        trips.append(len(batch))
+        return await real(self, batch)
+
+    monkeypatch.setattr(RedisStorage, "_pipeline", counted)
+    cells = [(f"crm-{uuid.uuid4().hex}", Rate(10 / 60, 10))]
+    try:
+        await storage.check(cells)  # the first: loads the script (NOSCRIPT, then again)
+        trips.clear()
+        verdicts = await asyncio.gather(*(storage.check(cells) for _ in range(60)))
+    finally:
+        await storage.close()
+    allowed = [v for v in verdicts if v.allowed]
+    assert len(allowed) == 9  # 10, less the first check
+    assert sorted(v.remaining for v in allowed) == list(range(9))
+    assert all(v.remaining == 0 and v.retry_after_s > 0 for v in verdicts if not v.allowed)
+    assert sum(trips) == 60 and len(trips) < 60
+
+
+async def test_a_redis_that_restarts_or_loses_its_scripts_is_used_again(tmp_path):
+    """Redis down: StorageError at once, not a hang; back (its script cache empty): decisions again."""
+    import redis.asyncio as aioredis
+
+    from gateway.core.ratelimit import StorageError
+    from gateway.shell.limits_redis import RedisStorage
+
+    port = free_port()
+    proc = start_redis(port, tmp_path)
+    storage = RedisStorage(f"redis://127.0.0.1:{port}/0")
+    cells = [(f"crm-{uuid.uuid4().hex}", Rate(100, 100))]
+    try:
+        assert (await storage.check(cells)).allowed
+        async with aioredis.from_url(storage.url) as other:
+            await other.script_flush()
+        assert (await storage.check(cells)).allowed  # loaded again
+        stop_redis(proc)
+        started = time.monotonic()
+        results = await asyncio.gather(*(storage.check(cells) for _ in range(5)), return_exceptions=True)
+        assert all(isinstance(r, StorageError) for r in results), results
+        assert time.monotonic() - started < 5
+        proc = start_redis(port, tmp_path)  # a new server: nothing of the old one's state or scripts
+        verdict = await storage.check(cells)
+        assert verdict.allowed and verdict.remaining == 99
+    finally:
+        await storage.close()
+        stop_redis(proc)
 
 
 # -- b. two gateway processes share one limit through Redis ---------------------------------
