@@ -85,6 +85,20 @@ def _aki(ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
         return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key())
 
 
+def _builder(subject: x509.Name, issuer: x509.Name, key: PrivateKey, not_before: dt.datetime,
+             not_after: dt.datetime) -> x509.CertificateBuilder:
+    """A certificate's subject, issuer, key, a random serial and its validity: what CAs and leaves share."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+    )
+
+
 def make_ca(
     common_name: str = CA_CN,
     *,
@@ -98,13 +112,7 @@ def make_ca(
     key = key or new_key()
     subject = _name(common_name)
     b = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer[0].subject if issuer else subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _builder(subject, issuer[0].subject if issuer else subject, key, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=path_length), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -127,13 +135,7 @@ def _leaf(
 ) -> tuple[x509.Certificate, PrivateKey]:
     key = key or new_key()
     b = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        _builder(subject, ca_cert.subject, key, not_before, not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
