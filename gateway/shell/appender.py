@@ -57,7 +57,8 @@ class Appender:
     def start(self) -> None:
         """Start the helper now rather than at the first append (a start costs a Python start-up)."""
         self._reap()
-        if self._proc is not None and (self._loop is not asyncio.get_running_loop() or self._proc.poll() is not None):
+        watched = self._loop is asyncio.get_running_loop()  # not so once its end of file was seen
+        if self._proc is not None and (not watched or self._proc.poll() is not None):
             self._reset()  # it died while idle: nothing of ours was under way, so start another
         if self._sock is None:
             ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
