@@ -15,7 +15,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import NameOID
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 from gateway.core.identity import format_fingerprint, identity_from_der
 from gateway.tools.pki import make_ca, make_client_cert, new_key
@@ -64,7 +64,10 @@ def _custom_cert(ca, name: x509.Name, sans: list | None, serial: int = 0x0ABC) -
     key = new_key()
     b = (x509.CertificateBuilder().subject_name(name).issuer_name(ca[0].subject).public_key(key.public_key())
          .serial_number(serial).not_valid_before(NOW - DAYS).not_valid_after(NOW + DAYS))
-    if sans is not None:
+    if sans == []:  # an empty SAN (RFC 5280 forbids it; cryptography 51 will not build or parse one)
+        b = b.add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x00"),
+                            critical=False)
+    elif sans is not None:
         b = b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return der(b.sign(ca[1], hashes.SHA256()))
 
@@ -90,6 +93,7 @@ def test_identity_without_san_or_with_two_cns(ca):
     assert (ident.san_dns, ident.san_uri, ident.san_email) == ((), (), ())
     none = identity_from_der(_custom_cert(ca, x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "o")]), []))
     assert none.common_name is None and none.subject == "O=o"
+    assert (none.san_dns, none.san_uri, none.san_email) == ((), (), ())
 
 
 def test_format_fingerprint():

@@ -382,6 +382,33 @@ async def test_a_ca_dropped_on_reload_ends_its_open_connections(door, recorder, 
     assert recorder.forwarded() == [f"GET {STATE}"]
 
 
+async def test_a_certificate_with_an_empty_san_maps_by_subject_never_by_san(door, recorder, tmp_path):
+    """OpenSSL accepts an empty subjectAltName, which RFC 5280 forbids and cryptography 51 will not parse:
+    the certificate is still served by its subject, and a policy matching by SAN does not take it."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import ExtensionOID
+
+    ca_cert, ca_key = pki.load_ca(door.pki.dir)
+    key = pki.new_key()
+    builder = (pki._builder(pki._name("crm"), ca_cert.subject, key, NOW - DAY, NOW + DAY)
+               .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+               .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x00"),
+                              critical=False))
+    cert = (tmp_path / "empty-san.crt", tmp_path / "empty-san.key")
+    pki.write_pem(cert[0], builder.sign(ca_key, hashes.SHA256()))
+    pki.write_pem(cert[1], key)
+
+    def call():
+        with door.connect(cert) as conn:
+            return conn.request(get(STATE)), conn.request(get(f"/orders/{ORDER_HR}/state"))
+
+    mapped, other = await door.run(call)
+    assert mapped.status == 200              # crm matches by common_name
+    assert_problem(other, 404)               # and its order scope holds
+    assert recorder.forwarded() == [f"GET {STATE}"]
+
+
 # -- leaks ---------------------------------------------------------------------------------
 
 async def test_no_answer_names_software_versions(door):

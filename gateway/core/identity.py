@@ -39,6 +39,12 @@ def format_fingerprint(digest: bytes) -> str:
 
 
 def identity_from_der(der: bytes) -> Identity:
+    """The identity of a certificate the handshake verified.
+
+    A subjectAltName that cannot be read (RFC 5280 forbids an empty one, which OpenSSL
+    accepts and cryptography 51 refuses to parse) gives no SANs: a policy that matches by
+    SAN then does not match, and the subject, common name and fingerprint still can.
+    """
     cert = x509.load_der_x509_certificate(der)
     cns = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     try:
@@ -46,7 +52,7 @@ def identity_from_der(der: bytes) -> Identity:
         dns = tuple(san.get_values_for_type(x509.DNSName))
         uri = tuple(san.get_values_for_type(x509.UniformResourceIdentifier))
         email = tuple(san.get_values_for_type(x509.RFC822Name))
-    except x509.ExtensionNotFound:
+    except (x509.ExtensionNotFound, ValueError):
         dns = uri = email = ()
     return Identity(
         subject=cert.subject.rfc4514_string(),
