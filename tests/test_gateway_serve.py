@@ -96,6 +96,7 @@ def test_sigterm_stops_gateway_and_embedded_api(served):
     config, proc = served
     proc.terminate()
     assert proc.wait(timeout=20) == 0
+    assert proc.stderr.read() == ""  # no dependency warnings, from the gateway or its embedded API
     with pytest.raises(OSError):
         urllib.request.urlopen(f"http://{config.reference_api.listen}/healthz", timeout=2)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 
 from gateway.tools import pki
 from gateway.core.errors import SettingsError, StartError
@@ -164,7 +165,16 @@ def _serve_workers(args) -> int:
     return 0
 
 
+def quiet_dependency_warnings() -> None:
+    """Warnings from dependencies (pyHanko importing DSA under cryptography 51, say) are for their
+    developers: on a user's terminal they turn a one-line error into three. `python -W ...` or
+    PYTHONWARNINGS still shows them."""
+    if not sys.warnoptions:
+        warnings.simplefilter("ignore")
+
+
 def main(argv: list[str] | None = None) -> int:
+    quiet_dependency_warnings()
     args = _parser().parse_args(argv)
     try:
         if args.command == "reference-api":
@@ -201,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"gateway: {exc.strerror or exc}", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"gateway: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
