@@ -9,9 +9,12 @@ FROM python:3.11.7-slim-bookworm
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway
 WORKDIR /opt/gateway
-COPY pyproject.toml README.md ./
+# The tested set of dependencies, hash-checked, from the lock file; then the gateway itself without
+# letting pip pick other versions.
+COPY pyproject.toml README.md requirements.lock ./
 COPY gateway ./gateway
-RUN pip install --no-cache-dir . && rm -rf /root/.cache
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock \
+  && pip install --no-cache-dir --no-deps . && rm -rf /root/.cache
 
 WORKDIR /etc/gateway
 COPY deploy/container-config.yaml ./config.yaml
