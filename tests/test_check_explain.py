@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from conftest import gateway_command
+from conftest import free_port, gateway_command
 from gateway.tools import pki
 from gateway_harness import POLICIES, write_config
 
@@ -169,6 +169,51 @@ def test_server_cert_expiring_soon_is_a_warning(tmp_path, test_pki):
     assert (rc, out.strip()) == (0, "OK"), err
     line = line_with(err, "warning:", str(path), ": tls.cert:")
     assert cert.subject.rfc4514_string() in line and f"{NOW + 5 * DAY:%Y-%m-%d}" in line
+
+
+# -- gateway check: the committed example CA on the network ------------------------------------------
+EXAMPLE = ROOT / "certs.example"
+
+
+@pytest.mark.parametrize("host, ca, warned", [
+    ("0.0.0.0", EXAMPLE / "ca.crt", True),
+    ("::", EXAMPLE / "ca.crt", True),
+    ("gateway.example.org", EXAMPLE / "ca.crt", True),
+    ("127.0.0.1", EXAMPLE / "ca.crt", False),
+    ("localhost", EXAMPLE / "ca.crt", False),
+    ("::1", EXAMPLE / "ca.crt", False),
+    ("0.0.0.0", None, False),   # the test PKI's own CA, whose key is not public
+])
+def test_the_example_ca_on_the_network_is_a_warning(tmp_path, test_pki, host, ca, warned):
+    tls = {"client_ca": str(ca), "crl": str(ca.parent / "crl.pem")} if ca else {}
+    path = config(tmp_path, test_pki, tls=tls, listen={"host": host, "port": 8443})
+    rc, out, err = check(path)
+    assert (rc, out.strip()) == (0, "OK"), err
+    found = [line for line in err if ": listen.host:" in line]
+    assert len(found) == int(warned), err
+    if warned:
+        assert found[0].startswith("warning: ") and "example CA" in found[0] and "private key is public" in found[0]
+
+
+def test_the_committed_configs_listen_where_they_should():
+    import yaml
+
+    assert yaml.safe_load((ROOT / "config.yaml").read_text())["listen"]["host"] == "127.0.0.1"
+    assert yaml.safe_load((ROOT / "deploy" / "container-config.yaml").read_text())["listen"]["host"] == "0.0.0.0"
+
+
+async def test_serve_logs_the_example_ca_on_the_network(tmp_path, test_pki, capsys):
+    from gateway.runtime import lifecycle
+    from gateway.shell import oplog
+    from gateway.shell.settings import load_config
+
+    path = config(tmp_path, test_pki, tls={"client_ca": str(EXAMPLE / "ca.crt"), "crl": str(EXAMPLE / "crl.pem")},
+                  listen={"host": "0.0.0.0", "port": free_port()})
+    running = await lifecycle.start(load_config(path))
+    await lifecycle.stop(running, quiet=True)
+    oplog.drain()
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [e["event"] for e in events][:2] == ["insecure_example_ca", "start"], events
 
 
 # -- gateway check: keys and storage ----------------------------------------------------------------

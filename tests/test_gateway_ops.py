@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import socket
 import ssl
@@ -14,6 +15,7 @@ import pytest
 from aiohttp import web
 
 from conftest import wait_http
+from gateway.shell import oplog
 from gateway.tools import pki
 from gateway.shell.settings import load_config
 from gateway_harness import (
@@ -180,6 +182,7 @@ async def test_expired_crl_refuses_everyone_loudly(tmp_path, own_pki, recorder_u
         admin = load_config(config_path).admin.port
         assert await in_thread(lambda: metric(admin, "gateway_tls_handshake_failures_total",
                                               reason="crl_expired")) == 1
+    oplog.drain()
     out = capsys.readouterr().out
     assert '"event": "crl_expired"' in out and "every client is refused" in out
 
@@ -241,6 +244,7 @@ async def test_operational_log_lines(tmp_path, test_pki, recorder_url, capsys):
         (tmp_path / "policies" / "crm.yaml").write_text("client: 5\n")
         assert not reload(running)
         running.handshakes.flush()
+    oplog.drain()
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds[0] == "start" and kinds[-1] == "stop"
@@ -251,4 +255,4 @@ async def test_operational_log_lines(tmp_path, test_pki, recorder_url, capsys):
     reloads = [e for e in events if e["event"] == "reload"]
     assert [r["result"] for r in reloads] == ["ok", "error"]
     assert "crm.yaml" in reloads[1]["error"] and "client" in reloads[1]["error"]
-    assert all(isinstance(e["ts"], float) for e in events)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", e["ts"]) for e in events), events

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from gateway.shell import oplog
 from gateway_harness import ORDER_CRM, session
 
 STATE = f"/orders/{ORDER_CRM}/state"
@@ -124,6 +125,7 @@ async def test_a_refused_handshake_says_why_as_nginx_does(gw, test_pki, capsys, 
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     _, err = await proc.communicate()
     assert alert in err.decode(), err
+    oplog.drain()
     logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"handshake_failure"' in line]
     assert [e["reason"] for e in logged] == [reason] and logged[0]["verify_message"]
     if which is not None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.shell import oplog
 from gateway.tools.check import check
 from gateway_harness import build_pki, gateway_running, write_config
 from test_gateway_metrics import scrape, value
@@ -108,6 +109,7 @@ async def test_strict_mode_refuses_them_with_a_reason_and_an_alert(tmp_path, ser
         families = await scrape(running.config.admin)
     assert status == 0 and "alert" in err, err  # told why, not "connection reset"
     assert value(families, "gateway_tls_handshake_failures_total", reason="nonconforming") == 1
+    oplog.drain()
     logged = [json.loads(line) for line in capsys.readouterr().out.splitlines() if '"handshake_failure"' in line]
     assert len(logged) == 1 and logged[0]["reason"] == "nonconforming"
     assert logged[0]["subject"] == "O=integrator,CN=crm" and logged[0]["issuer"] == f"CN={profile} CA"

@@ -10,6 +10,7 @@ import time
 import aiohttp
 import pytest
 
+from gateway.shell import oplog
 from gateway.tools import pki
 from gateway_harness import ORDER_CRM, POLICIES, PKIFolder, gateway_running, session, write_config
 from test_gateway_metrics import scrape, value
@@ -101,6 +102,7 @@ async def test_config_yaml_is_reread_and_restart_keys_are_named(tmp_path, own_pk
         await until(applied, what="limits.max_body_bytes applied")
         assert running.config.listen.port == old_port  # not applied: still served where it was
         assert await status(own_pki, "crm", url) == 200
+    oplog.drain()
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     reloads = [e for e in events if e["event"] == "reload"]
     assert reloads[-1]["result"] == "ok" and reloads[-1]["applied"] == ["limits.max_body_bytes"]

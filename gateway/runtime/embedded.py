@@ -173,10 +173,11 @@ class EmbeddedReference:
 
     @staticmethod
     def _pass_stderr_on(proc: subprocess.Popen) -> None:
-        """Copy the child's stderr to ours, so that its pipe never fills and blocks it."""
+        """Pass the child's stderr on to the operational log, a line an `upstream_stderr` event, so that
+        its pipe never fills and blocks it (and a stalled stdout blocks neither it nor the gateway)."""
         def copy() -> None:
             for line in proc.stderr:
-                sys.stderr.write(line)
+                event("upstream_stderr", pid=proc.pid, line=line.rstrip("\n"))
 
         threading.Thread(target=copy, name="reference-api-stderr", daemon=True).start()
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import resource
 import signal
 import time
@@ -29,13 +28,13 @@ from gateway.runtime.services import open_services
 from gateway.runtime.snapshot import Gateway, build_snapshot
 from gateway.runtime.workers import READY_EVERY_S, write_readiness
 from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
+from gateway.shell import oplog
 from gateway.shell.listener import ConnectionGate, ContextHolder, TLSSite
 from gateway.shell.metrics import Metrics
-from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event
+from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event, use_for_logging
 from gateway.shell.settings import Config, load_config
-from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale
+from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale, example_ca_exposed
 
-log = logging.getLogger("gateway")
 
 
 READINESS_INTERVAL_S = 5.0
@@ -73,6 +72,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     """
     snap = build_snapshot(config)
     metrics = Metrics()
+    oplog.writer.on_drop = metrics.log_dropped.inc
     metrics.set_expiry(snap.expiry)
     metrics.init_clients([p.client for p in snap.policies.policies])
     note_crl(snap.crl)
@@ -102,6 +102,9 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         running.tasks.append(asyncio.create_task(supervise(reference), name="supervise-upstream"))
     stack.callback(lambda: [task.cancel() for task in running.tasks])
     running.watched = fingerprint(config)
+    exposed = example_ca_exposed(config)
+    if exposed:
+        event("insecure_example_ca", detail=exposed)
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
           admin=f"http://{config.admin.host}:{config.admin.port}", upstream=gateway.upstream.base_url,
           clients=[p.client for p in snap.policies.policies], rate_limit=config.rate_limit.storage,
@@ -234,7 +237,7 @@ async def _main(config: Config, reuse_port: bool = False, worker: int | None = N
 
 def serve(config: Config, workers: int = 1) -> None:
     """Run until SIGTERM or SIGINT; raises StartError when the gateway cannot start."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    use_for_logging()
     if workers > 1:
         raise StartError("internal: serve_workers runs more than one worker")
     asyncio.run(_main(config))
@@ -242,5 +245,5 @@ def serve(config: Config, workers: int = 1) -> None:
 
 def serve_worker(config: Config, index: int) -> None:
     """One worker of `serve --workers N` (started by the parent, see workers.py)."""
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    use_for_logging()
     asyncio.run(_main(config, reuse_port=True, worker=index))

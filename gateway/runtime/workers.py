@@ -118,8 +118,10 @@ async def _parent(config: Config, workers: int) -> None:
 
     from gateway.runtime.admin import parent_admin_app
     from gateway.runtime.embedded import EmbeddedReference, supervise
+    from gateway.shell import oplog
     from gateway.shell.metrics import Metrics
     metrics = Metrics()
+    oplog.writer.on_drop = metrics.log_dropped.inc
     reference = None
     if config.upstream.url == "embedded":
         reference = EmbeddedReference(config, on_restart=metrics.upstream_restarts.inc)

@@ -10,12 +10,15 @@ reload can swap it in at once or keep the old one.
 
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from gateway.core.errors import SettingsError
 from gateway.shell.settings import Config
@@ -162,3 +165,34 @@ def expiry(config: Config) -> Expiry:
         if facts is not None and facts.next_update is not None:
             times["crl_next_update"] = facts.next_update
     return Expiry(times)
+
+
+# The committed example CA (certs.example/ca.crt): its private key is in the repository, so anyone
+# who has the repository can mint a client certificate it vouches for.
+EXAMPLE_CA_SHA256 = "c54c889288482d22c0bf3039e4968f6c4360c107343551e837e0e4dba86baf3c"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address is reachable from this machine only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: whatever it resolves to, assume the network can reach it
+
+
+def example_ca_exposed(config: Config) -> str | None:
+    """Why the front door is open to anyone (it listens beyond loopback and trusts the example CA), or None."""
+    if is_loopback(config.listen.host) or config.tls.client_ca is None:
+        return None
+    try:
+        cas = x509.load_pem_x509_certificates(Path(config.tls.client_ca).read_bytes())
+    except (OSError, ValueError):
+        return None  # what is wrong with the file is said elsewhere
+    if not any(hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest() == EXAMPLE_CA_SHA256
+               for ca in cas):
+        return None
+    return (f"{config.listen.host} is reachable from the network and tls.client_ca trusts the "
+            "committed example CA, whose private key is public: anyone can mint a client certificate for it. "
+            "Listen on 127.0.0.1, or use your own CA")

@@ -24,7 +24,7 @@ from gateway.core.policy import PolicySet
 from gateway.core.strictjson import json_value
 from gateway.shell.limits import storage_from_url
 from gateway.shell.settings import Config, check_policies, load_config, load_policies
-from gateway.shell.tls import check_crl, crl_is_stale, load_crls, server_context
+from gateway.shell.tls import check_crl, crl_is_stale, example_ca_exposed, load_crls, server_context
 from gateway.shell.token import TokenIssuer, load_or_create_key
 from gateway.core.x509_rules import broken_rules
 
@@ -50,6 +50,9 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
             problems.append(f"{where}: tls.crl: {config.tls.crl} is past its nextUpdate: every client would be refused")
     except SettingsError as exc:
         problems.append(str(exc))
+    exposed = example_ca_exposed(config)
+    if exposed:
+        warnings.append(f"{where}: listen.host: {exposed}")
     trust_problems, trust_warnings = _trust(config, time.time())
     problems += trust_problems
     warnings += trust_warnings

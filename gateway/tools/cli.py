@@ -144,9 +144,8 @@ def _audit_verify(args) -> int:
 
 def _serve_workers(args) -> int:
     """The parent of `serve --workers N`: its metrics folder is named before prometheus_client loads."""
-    import logging
-
     from gateway.runtime.workers import prepare_multiprocess_metrics
+    from gateway.shell.oplog import use_for_logging
 
     config = load_config(args.config)
     try:
@@ -156,7 +155,7 @@ def _serve_workers(args) -> int:
         return 1
     from gateway.runtime.workers import run_workers
 
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    use_for_logging()
     try:
         run_workers(config, args.workers, folder)
     except StartError as exc:
