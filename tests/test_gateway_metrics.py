@@ -100,6 +100,9 @@ async def test_contract_metrics_and_labels(running, test_pki):
     # Labels come only from bounded sets: nothing a client sent appears.
     labels = {v for f in families.values() for s in f for v in s.labels.values()}
     assert not any("nope" in v for v in labels)
+    # No *_created series, and gateway_ready and the dropped-log-lines counter are there.
+    assert not [s.name for f in families.values() for s in f if s.name.endswith("_created")]
+    assert "gateway_ready" in families and "gateway_log_lines_dropped" in families
 
 
 @pytest.mark.parametrize("which, reason", [
