@@ -13,7 +13,7 @@ from gateway.shell import compat  # noqa: F401  (no software versions in any ans
 from gateway.core.errors import SettingsError
 from gateway.shell.settings import Config, parse_host_port
 from gateway.core.headers import IDENTITY_TOKEN_HEADER
-from gateway.shell.token import TokenVerifier, load_or_create_key
+from gateway.shell.token import TokenVerifier, configured_key
 from gateway.reference.app import Settings, create_app
 from gateway.reference.directory import Directory, DirectoryError
 from gateway.reference.documents import SigningIdentity
@@ -50,7 +50,7 @@ def _token_check(config: Config):
         if key_file is not None:
             public = serialization.load_pem_public_key(key_file.read_bytes())
         elif config.identity_token.key is not None:
-            public = load_or_create_key(config.identity_token.key).public_key()
+            public = configured_key(config.identity_token, config.file).public_key()
         else:
             raise SettingsError(config.file, "identity_token.key", "is required")
         verifier = TokenVerifier(public, config.identity_token.audience)

@@ -61,7 +61,8 @@ def merge(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
 def watched_files(config: Config) -> list[Path]:
     """The files a reload reads: config.yaml, the TLS files, every policy file."""
     files = [config.file]
-    files += [p for p in (config.tls.cert, config.tls.key, config.tls.client_ca, config.tls.crl) if p is not None]
+    tls = config.tls
+    files += [p for p in (tls.cert, tls.key, tls.key_password_file, tls.client_ca, tls.crl) if p is not None]
     if config.policies.is_dir():
         files += sorted(config.policies.glob("*.yaml"))
     return files

@@ -12,7 +12,7 @@ import time
 from typing import Callable
 
 from gateway.core.audit import Redactor
-from gateway.core.errors import StartError
+from gateway.core.errors import SettingsError, StartError
 from gateway.runtime.embedded import EmbeddedReference
 from gateway.runtime.snapshot import Gateway, Snapshot
 from gateway.shell.audit_writer import AuditWriter, load_key, redaction_key
@@ -20,7 +20,7 @@ from gateway.shell.limits import storage_from_url
 from gateway.shell.metrics import Metrics
 from gateway.shell.orders import Orders
 from gateway.shell.settings import Config
-from gateway.shell.token import TokenIssuer, load_or_create_key
+from gateway.shell.token import TokenIssuer, configured_key
 from gateway.shell.upstream import Upstream
 
 
@@ -30,8 +30,10 @@ def token_issuer(config: Config) -> TokenIssuer | None:
     if config.identity_token.key is None:
         raise StartError(f"{config.file}: identity_token.key: is required")
     try:
-        key = load_or_create_key(config.identity_token.key)
+        key = configured_key(config.identity_token, config.file)
         return TokenIssuer(key, config.identity_token.audience, config.identity_token.ttl_s)
+    except SettingsError as exc:
+        raise StartError(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise StartError(f"{config.file}: identity_token.key: {exc}") from None
 

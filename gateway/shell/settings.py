@@ -40,6 +40,7 @@ class Admin:
 class TLS:
     cert: Path | None = None
     key: Path | None = None
+    key_password_file: Path | None = None   # the passphrase of an encrypted key (never a prompt)
     client_ca: Path | None = None
     crl: Path | None = None
     crl_check: str = "leaf"
@@ -63,6 +64,7 @@ class Upstream:
 @dataclass(frozen=True)
 class IdentityToken:
     key: Path | None = None
+    key_password_file: Path | None = None   # the passphrase of an encrypted key (never a prompt)
     audience: str = "automation-api"
     ttl_s: int = 60
 

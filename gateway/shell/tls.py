@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.core.errors import SettingsError
+from gateway.shell.keys import load_private_key, password_callback, read_password
 from gateway.shell.settings import Config
 from gateway.core.credentials import CRLView, Trust
 
@@ -119,8 +120,11 @@ def server_context(config: Config) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    password = read_password(tls.key_password_file, config.file, "tls.key_password_file")
+    load_private_key(key, password, config.file, "tls.key", "tls.key_password_file")  # says what is wrong with it
     try:
-        ctx.load_cert_chain(cert, key)
+        ctx.load_cert_chain(cert, key, password=password_callback(password, key, config.file, "tls.key",
+                                                                  "tls.key_password_file"))
     except (ssl.SSLError, OSError) as exc:
         raise SettingsError(config.file, "tls.cert/tls.key",
                             f"{cert} and {key} cannot be used together ({exc.__class__.__name__})") from None

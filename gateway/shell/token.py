@@ -20,20 +20,30 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
+from gateway.shell.keys import load_private_key, read_password
+
 ISSUER = "gateway"
 
 
-def load_or_create_key(path: Path):
-    """The private signing key at `path`, created (EC P-256, mode 0600) when missing."""
+def load_or_create_key(path: Path, password: bytes | None = None, file: str | os.PathLike = ""):
+    """The private signing key at `path`, created (EC P-256, mode 0600, encrypted with `password` when
+    one is given) when missing. SettingsError (identity_token.key) when it cannot be used."""
     if not path.exists():
         key = ec.generate_private_key(ec.SECP256R1())
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        encryption = (serialization.BestAvailableEncryption(password) if password
+                      else serialization.NoEncryption())
         with os.fdopen(fd, "wb") as f:
-            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()))
+            f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption))
         return key
-    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    return load_private_key(path, password, file, "identity_token.key", "identity_token.key_password_file")
+
+
+def configured_key(settings, file: str | os.PathLike):
+    """identity_token's key, its passphrase read from key_password_file."""
+    password = read_password(settings.key_password_file, file, "identity_token.key_password_file")
+    return load_or_create_key(settings.key, password, file)
 
 
 def _algorithm(key) -> str:

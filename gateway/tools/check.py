@@ -22,10 +22,11 @@ from gateway.core.identity import Identity, identity_from_der
 from gateway.core.operations import route
 from gateway.core.policy import PolicySet
 from gateway.core.strictjson import json_value
+from gateway.shell.keys import readable_by_others
 from gateway.shell.limits import storage_from_url
 from gateway.shell.settings import Config, check_policies, load_config, load_policies
 from gateway.shell.tls import check_crl, crl_is_stale, example_ca_exposed, load_crls, server_context
-from gateway.shell.token import TokenIssuer, load_or_create_key
+from gateway.shell.token import TokenIssuer, configured_key
 from gateway.core.x509_rules import broken_rules
 
 EXPIRY_WARNING_DAYS = 14
@@ -50,6 +51,11 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
             problems.append(f"{where}: tls.crl: {config.tls.crl} is past its nextUpdate: every client would be refused")
     except SettingsError as exc:
         problems.append(str(exc))
+    for key, path in (("tls.key_password_file", config.tls.key_password_file),
+                      ("identity_token.key_password_file",
+                       config.identity_token.key_password_file if config.identity_token else None)):
+        if readable_by_others(path):
+            warnings.append(f"{where}: {key}: {path} can be read by others than its owner (chmod 600 it)")
     exposed = example_ca_exposed(config)
     if exposed:
         warnings.append(f"{where}: listen.host: {exposed}")
@@ -62,7 +68,10 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
             problems.append(f"{where}: identity_token.key: is required")
         elif key.exists():
             try:
-                TokenIssuer(load_or_create_key(key), config.identity_token.audience, config.identity_token.ttl_s)
+                TokenIssuer(configured_key(config.identity_token, where), config.identity_token.audience,
+                            config.identity_token.ttl_s)
+            except SettingsError as exc:
+                problems.append(str(exc))
             except (OSError, ValueError) as exc:
                 problems.append(f"{where}: identity_token.key: {exc}")
         else:
