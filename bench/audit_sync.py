@@ -37,7 +37,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-audit-") as name:
         tmp = Path(name)
         pki_dir, up = tmp / "pki", free_port()
-        bench.pki.init(pki_dir, ["bench"])
+        bench.certs.init(pki_dir, ["bench"])
         ctx = bench.client_ssl(pki_dir, "bench")
         try:
             procs.append(bench.nginx(binary, tmp / "upstream", bench.NGINX_UPSTREAM, port=up,

@@ -40,7 +40,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 sys.path.insert(0, str(ROOT))  # before bench/ itself, whose gateway.py is this file
-from gateway.tools import pki  # noqa: E402
+from gateway.tools import certs  # noqa: E402
 from support import client_ssl, free_port, poll_ready, stop  # noqa: E402
 
 ORDER_ID = "22222222-2222-4222-8222-222222222222"
@@ -187,7 +187,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-gateway-") as name:
         tmp = Path(name)
         pki_dir = tmp / "pki"
-        pki.init(pki_dir, ["bench"])
+        certs.init(pki_dir, ["bench"])
         ctx = client_ssl(pki_dir, "bench")
         order = json.dumps({"id": ORDER_ID, "solicitor": SOLICITOR})
         try:

@@ -39,7 +39,7 @@ BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH.parent))  # before bench/ itself, whose gateway.py is not the package
 from gateway.runtime.lifecycle import start, stop  # noqa: E402
 from gateway.shell.settings import load_config  # noqa: E402
-from gateway.tools import pki  # noqa: E402
+from gateway.tools import certs  # noqa: E402
 from support import bench_gateway  # noqa: E402
 
 CONCURRENCY = 32
@@ -131,7 +131,7 @@ def main() -> int:
         raise SystemExit("nginx is needed: it is the upstream (Debian: apt install nginx)")
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as name:
         tmp = Path(name)
-        pki.init(tmp / "pki", ["bench"])
+        certs.init(tmp / "pki", ["bench"])
         upstream = bg.free_port()
         nginx = bg.nginx(binary, tmp / "upstream", bg.NGINX_UPSTREAM, port=upstream,
                          order=json.dumps({"id": bg.ORDER_ID, "solicitor": bg.SOLICITOR}))

@@ -34,7 +34,7 @@ import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from gateway.tools import pki  # noqa: E402
+from gateway.tools import certs  # noqa: E402
 from gateway.reference.documents import sample_pdf  # noqa: E402
 from support import client_ssl, free_port, poll_ready, stop  # noqa: E402
 
@@ -52,7 +52,7 @@ POLICY = {"client": "hr-system", "match": {"common_name": "hr-system"},
 
 def write_config(tmp: Path) -> tuple[Path, int, int]:
     """A dev PKI, policies/hr-system.yaml and config.yaml on free ports; returns (config, port, admin port)."""
-    pki.init(tmp / "pki", ["hr-system"])
+    certs.init(tmp / "pki", ["hr-system"])
     (tmp / "policies").mkdir()
     (tmp / "policies" / "hr-system.yaml").write_text(json.dumps(POLICY))
     port, admin = free_port(), free_port()

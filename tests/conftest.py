@@ -43,6 +43,15 @@ class Clock:
         self.now += seconds
 
 
+@pytest.fixture(autouse=True)
+def _operational_log_written():
+    """Each test's operational log lines are written (by the log's own thread) before its output is closed."""
+    yield
+    from gateway.shell import oplog
+
+    oplog.drain(1.0)
+
+
 @pytest.fixture
 def clock() -> Clock:
     return Clock()

@@ -15,7 +15,7 @@ import aiohttp
 from aiohttp import web
 
 from conftest import free_port
-from gateway.tools import pki
+from gateway.tools import certs, pki
 from gateway.shell.settings import load_config
 from gateway.runtime import lifecycle as server
 
@@ -65,7 +65,7 @@ class PKIFolder:
 
 def build_pki(dir: Path) -> PKIFolder:
     """The example PKI plus certificates only the handshake may refuse (all named hr-system)."""
-    pki.init(dir, ["hr-system", "crm", "stranger", "twin", "lawyer", "revoked-one"])
+    certs.init(dir, ["hr-system", "crm", "stranger", "twin", "lawyer", "revoked-one"])
     ca_cert, ca_key = pki.load_ca(dir)
     special = dir / "special"
     special.mkdir()
@@ -82,7 +82,7 @@ def build_pki(dir: Path) -> PKIFolder:
                                                  not_after=NOW + 10 * DAY, eku=("serverAuth",)))
     other_ca = pki.make_ca("another CA", not_before=NOW - DAY, not_after=NOW + 10 * DAY)
     put("wrong-ca", pki.make_client_cert(*other_ca, "hr-system", not_before=NOW - DAY, not_after=NOW + 10 * DAY))
-    pki.revoke(dir, "revoked-one")
+    certs.revoke(dir, "revoked-one")
     return PKIFolder(dir)
 
 

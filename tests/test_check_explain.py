@@ -123,7 +123,7 @@ def test_tls_cert_missing(tmp_path, test_pki):
 def test_tls_key_does_not_match_cert(tmp_path, test_pki):
     other_key = test_pki.client("crm")[1]
     path = config(tmp_path, test_pki, tls={"key": str(other_key)})
-    assert "cannot be used together" in fails_with(path, "tls.key", str(other_key))
+    assert "do not belong together" in fails_with(path, "tls.key", str(other_key))
 
 
 def test_client_ca_is_not_a_certificate(tmp_path, test_pki):

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from conftest import Clock
-from gateway.tools import pki
+from gateway.tools import certs, pki
 from gateway.runtime import lifecycle as server
 from gateway.reference.documents import sample_pdf
 from gateway_harness import (
@@ -151,7 +151,7 @@ async def test_a_revoked_open_connection_gets_403_for_any_target_and_is_closed(d
         return conn, conn.read_ticket()
 
     conn, session = await door.run(before)
-    pki.revoke(door.pki.dir, "crm")
+    certs.revoke(door.pki.dir, "crm")
     assert server.reload(door.running)
 
     def after():
@@ -391,7 +391,7 @@ async def test_a_certificate_with_an_empty_san_maps_by_subject_never_by_san(door
 
     ca_cert, ca_key = pki.load_ca(door.pki.dir)
     key = pki.new_key()
-    builder = (pki._builder(pki._name("crm"), ca_cert.subject, key, NOW - DAY, NOW + DAY)
+    builder = (pki._builder(pki._name("crm"), ca_cert.subject, key.public_key(), NOW - DAY, NOW + DAY)
                .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
                .add_extension(x509.UnrecognizedExtension(ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x00"),
                               critical=False))
@@ -493,7 +493,7 @@ async def test_a_revocation_while_the_body_comes_stops_the_request(door, recorde
     await door.run(conn.send, anonymize_head(len(ANON_BODY), expect=True))
     assert (await door.run(conn.response)).status == 100  # admitted: the gateway reads the body now
     await door.run(conn.send, ANON_BODY[:5])
-    pki.revoke(door.pki.dir, "hr-system")
+    certs.revoke(door.pki.dir, "hr-system")
     assert server.reload(door.running)
     await door.run(conn.send, ANON_BODY[5:])
     body = assert_problem(await door.run(conn.response), 403)

@@ -16,7 +16,7 @@ from aiohttp import web
 
 from conftest import wait_http
 from gateway.shell import oplog
-from gateway.tools import pki
+from gateway.tools import certs, pki
 from gateway.shell.settings import load_config
 from gateway_harness import (
     DAY, NOW, ORDER_CRM, POLICIES, PKIFolder, client_context, gateway_running, session, write_config,
@@ -66,7 +66,7 @@ def handshake(test_pki: PKIFolder, cert, port: int) -> bytes | None:
 @pytest.fixture
 def own_pki(tmp_path) -> PKIFolder:
     """A PKI of this test's own: these tests revoke and rotate."""
-    pki.init(tmp_path / "pki", ["alice", "bob"])
+    certs.init(tmp_path / "pki", ["alice", "bob"])
     return PKIFolder(tmp_path / "pki")
 
 
@@ -93,7 +93,7 @@ async def test_sighup_after_revoke_refuses_that_client_only(served, own_pki):
             assert resp.status == 200  # this keep-alive connection was made before the revocation
         async with open_bob.get(f"https://localhost:{port}{STATE}") as resp:
             assert resp.status == 200
-        pki.revoke(own_pki.dir, "alice")
+        certs.revoke(own_pki.dir, "alice")
         proc.send_signal(signal.SIGHUP)
         await in_thread(until, lambda: metric(admin, "gateway_config_reloads_total", result="ok") == 1)
         assert await in_thread(handshake, own_pki, own_pki.client("alice"), port) is None

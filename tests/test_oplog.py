@@ -14,8 +14,6 @@ import threading
 import time
 import urllib.request
 
-import pytest
-
 from conftest import gateway_command, stop_process, wait_http
 from gateway.shell import oplog
 from gateway_harness import ORDER_CRM, POLICIES, session, write_config

@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from gateway.tools import pki
+from gateway.tools import certs, pki
 
 UTC = dt.timezone.utc
 
@@ -24,7 +24,7 @@ UTC = dt.timezone.utc
 @pytest.fixture
 def pkidir(tmp_path: Path) -> Path:
     d = tmp_path / "certs"
-    pki.init(d, ["hr-system", "crm"])
+    certs.init(d, ["hr-system", "crm"])
     return d
 
 
@@ -138,7 +138,7 @@ def test_the_ssl_module_loads_the_pki(pkidir: Path):
 def test_init_refuses_to_overwrite(pkidir: Path):
     before = (pkidir / "ca.key").read_bytes()
     with pytest.raises(pki.PKIError, match="ca.key already exists"):
-        pki.init(pkidir, ["other"])
+        certs.init(pkidir, ["other"])
     assert (pkidir / "ca.key").read_bytes() == before
     assert not (pkidir / "clients/other.crt").exists()
 
@@ -146,21 +146,21 @@ def test_init_refuses_to_overwrite(pkidir: Path):
 @pytest.mark.parametrize("name", ["", "-crm", "a b", "../evil", "crm/x", "x" * 65, "é"])
 def test_bad_client_names_are_refused(tmp_path: Path, name: str):
     with pytest.raises(pki.PKIError, match="bad client name") as info:
-        pki.init(tmp_path / "d", ["ok", name])
+        certs.init(tmp_path / "d", ["ok", name])
     assert "\n" not in str(info.value)
     assert not (tmp_path / "d").exists()  # nothing written
 
 
 def test_longest_allowed_name_is_accepted(tmp_path: Path):
-    pki.init(tmp_path / "d", ["A" + "b._-9" * 12 + "xyz"])  # 64 characters
+    certs.init(tmp_path / "d", ["A" + "b._-9" * 12 + "xyz"])  # 64 characters
     assert len(list((tmp_path / "d/clients").glob("*.crt"))) == 1
 
 
 def test_duplicate_client_and_bad_days_are_refused(tmp_path: Path):
     with pytest.raises(pki.PKIError, match="more than once"):
-        pki.init(tmp_path / "d", ["crm", "crm"])
+        certs.init(tmp_path / "d", ["crm", "crm"])
     with pytest.raises(pki.PKIError, match="days"):
-        pki.init(tmp_path / "d", ["crm"], days=0)
+        certs.init(tmp_path / "d", ["crm"], days=0)
     assert not (tmp_path / "d").exists()
 
 
@@ -168,7 +168,7 @@ def test_duplicate_client_and_bad_days_are_refused(tmp_path: Path):
 
 
 def test_issue_adds_a_client_and_refuses_duplicates(pkidir: Path):
-    path = pki.issue(pkidir, "billing", days=30)
+    path = certs.issue(pkidir, "billing", days=30)
     assert path == pkidir / "clients/billing.crt"
     c = cert(path)
     c.verify_directly_issued_by(cert(pkidir / "ca.crt"))
@@ -178,20 +178,20 @@ def test_issue_adds_a_client_and_refuses_duplicates(pkidir: Path):
     assert stat.S_IMODE((pkidir / "clients/billing.key").stat().st_mode) == 0o600
     before = path.read_bytes()
     with pytest.raises(pki.PKIError, match="already exists"):
-        pki.issue(pkidir, "billing")
+        certs.issue(pkidir, "billing")
     with pytest.raises(pki.PKIError, match="already exists"):
-        pki.issue(pkidir, "crm")
+        certs.issue(pkidir, "crm")
     assert path.read_bytes() == before
 
 
 def test_issue_never_outlives_the_ca(pkidir: Path):
-    c = cert(pki.issue(pkidir, "forever", days=100000))
+    c = cert(certs.issue(pkidir, "forever", days=100000))
     assert c.not_valid_after_utc == cert(pkidir / "ca.crt").not_valid_after_utc
 
 
 def test_issue_without_a_ca_is_a_one_line_error(tmp_path: Path):
     with pytest.raises(pki.PKIError, match="ca.crt: no such file") as info:
-        pki.issue(tmp_path, "crm")
+        certs.issue(tmp_path, "crm")
     assert "\n" not in str(info.value)
 
 
@@ -203,7 +203,7 @@ def test_revoke_lists_the_serial_and_keeps_earlier_entries(pkidir: Path):
     crm = cert(pkidir / "clients/crm.crt")
     next_before = crl(pkidir).next_update_utc
 
-    assert pki.revoke(pkidir, "crm") == crm.serial_number
+    assert certs.revoke(pkidir, "crm") == crm.serial_number
     c = crl(pkidir)
     assert c.is_signature_valid(ca.public_key())
     assert [r.serial_number for r in c] == [crm.serial_number]
@@ -212,7 +212,7 @@ def test_revoke_lists_the_serial_and_keeps_earlier_entries(pkidir: Path):
     first_date = c.get_revoked_certificate_by_serial_number(crm.serial_number).revocation_date_utc
 
     hr = cert(pkidir / "clients/hr-system.crt")
-    assert pki.revoke(pkidir, "hr-system") == hr.serial_number
+    assert certs.revoke(pkidir, "hr-system") == hr.serial_number
     c = crl(pkidir)
     assert c.is_signature_valid(ca.public_key())
     assert {r.serial_number for r in c} == {crm.serial_number, hr.serial_number}
@@ -222,22 +222,22 @@ def test_revoke_lists_the_serial_and_keeps_earlier_entries(pkidir: Path):
 
 
 def test_revoking_twice_changes_nothing(pkidir: Path):
-    pki.revoke(pkidir, "crm")
+    certs.revoke(pkidir, "crm")
     before = (pkidir / "crl.pem").read_bytes()
-    assert pki.revoke(pkidir, "crm") == cert(pkidir / "clients/crm.crt").serial_number
+    assert certs.revoke(pkidir, "crm") == cert(pkidir / "clients/crm.crt").serial_number
     assert (pkidir / "crl.pem").read_bytes() == before
 
 
 def test_revoke_refuses_unknown_clients_and_foreign_certs(pkidir: Path, tmp_path: Path):
     with pytest.raises(pki.PKIError, match="nobody.crt: no such file"):
-        pki.revoke(pkidir, "nobody")
+        certs.revoke(pkidir, "nobody")
     with pytest.raises(pki.PKIError, match="bad client name"):
-        pki.revoke(pkidir, "../ca")
+        certs.revoke(pkidir, "../ca")
     other = tmp_path / "other"
-    pki.init(other, ["crm"])
+    certs.init(other, ["crm"])
     (pkidir / "clients/crm.crt").write_bytes((other / "clients/crm.crt").read_bytes())
     with pytest.raises(pki.PKIError, match="not issued by"):
-        pki.revoke(pkidir, "crm")
+        certs.revoke(pkidir, "crm")
     assert len(crl(pkidir)) == 0
 
 
@@ -312,7 +312,7 @@ def test_handshake_succeeds_before_revoke_and_fails_after(pkidir: Path):
     assert server == "ok"
     assert client == "CN=crm,O=gateway example"
 
-    pki.revoke(pkidir, "crm")
+    certs.revoke(pkidir, "crm")
     server, client = handshake(server_context(pkidir), crm)
     assert isinstance(server, ssl.SSLError) and "revoked" in str(server), server
     assert isinstance(client, (ssl.SSLError, EOFError, ConnectionError)), client
@@ -354,8 +354,8 @@ def test_handshake_refuses_certs_made_by_the_test_helpers(pkidir: Path, tmp_path
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="gateway")
-    pki.add_parser(parser.add_subparsers(dest="command", required=True))
-    return pki.cli_main(parser.parse_args(["certs", *argv]))
+    certs.add_parser(parser.add_subparsers(dest="command", required=True))
+    return certs.cli_main(parser.parse_args(["certs", *argv]))
 
 
 def test_cli_init_issue_revoke(tmp_path: Path, capsys):

@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from gateway.shell import oplog
-from gateway.tools import pki
+from gateway.tools import certs
 from gateway_harness import ORDER_CRM, POLICIES, PKIFolder, gateway_running, session, write_config
 from test_gateway_metrics import scrape, value
 
@@ -37,7 +37,7 @@ async def status(test_pki, client: str, url: str) -> int | None:
 
 @pytest.fixture
 def own_pki(tmp_path) -> PKIFolder:
-    pki.init(tmp_path / "pki", ["crm", "newcomer"])
+    certs.init(tmp_path / "pki", ["crm", "newcomer"])
     return PKIFolder(tmp_path / "pki")
 
 
@@ -61,7 +61,7 @@ async def test_a_crl_swapped_in_by_symlink_is_picked_up(tmp_path, own_pki, recor
     config = watched_config(tmp_path, own_pki, recorder_url)
     async with gateway_running(config) as (url, running):
         assert await status(own_pki, "crm", url) == 200
-        pki.revoke(own_pki.dir, "crm")  # rewrites pki/crl.pem; the live CRL is still crl-1.pem
+        certs.revoke(own_pki.dir, "crm")  # rewrites pki/crl.pem; the live CRL is still crl-1.pem
         (own_pki.dir / "crl-2.pem").write_bytes((own_pki.dir / "crl.pem").read_bytes())
         swap_symlink(tmp_path / "crl-live.pem", own_pki.dir / "crl-2.pem")
 
@@ -129,7 +129,7 @@ async def test_a_broken_file_keeps_the_running_configuration_and_is_not_retried(
 async def test_watch_zero_means_sighup_only(tmp_path, own_pki, recorder_url):
     config = watched_config(tmp_path, own_pki, recorder_url, watch_s=0)
     async with gateway_running(config) as (url, running):
-        pki.revoke(own_pki.dir, "crm")
+        certs.revoke(own_pki.dir, "crm")
         (own_pki.dir / "crl-2.pem").write_bytes((own_pki.dir / "crl.pem").read_bytes())
         swap_symlink(tmp_path / "crl-live.pem", own_pki.dir / "crl-2.pem")
         await asyncio.sleep(0.6)  # several times what a watcher at 0.1 s would need: nothing may happen

@@ -19,7 +19,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from gateway.core.errors import SettingsError, StartError
+from gateway.core.errors import KeyMismatch, SettingsError, StartError
 from gateway.runtime.admin import admin_app, readiness
 from gateway.runtime.embedded import supervise
 from gateway.runtime.pipeline import Pipeline
@@ -55,6 +55,7 @@ class Running:
     handshakes: Summary
     tasks: list[asyncio.Task]
     watched: str = ""             # the fingerprint of the watched files at the last (re)load
+    waiting_for_pair: bool = False  # the watcher saw a certificate and key that do not fit: one more period
     worker: int | None = None     # the index of a `serve --workers N` worker
 
     @property
@@ -159,14 +160,22 @@ async def _readiness(running: Running) -> None:
             await asyncio.sleep(READINESS_INTERVAL_S)
 
 
-def reload(running: Running) -> bool:
+def reload(running: Running, wait_for_pair: bool = False) -> bool | None:
     """SIGHUP (or a watched file changed): re-read config.yaml and build the snapshot aside, as start
-    does, then swap it in at once. Keys that need a restart are logged, not applied."""
+    does, then swap it in at once. Keys that need a restart are logged, not applied.
+
+    `wait_for_pair` (the file watcher's first try): a certificate and key that do not belong together are
+    taken for a rotation half done, which replaces the two files one at a time; the reload returns None
+    and is tried again at the next watch period, and only then does a mismatch count as a failure."""
     gw = running.gateway
     try:
         config, applied, restart = merge(running.config, load_config(running.config.file))
         snap = build_snapshot(config)
     except (StartError, SettingsError) as exc:
+        if wait_for_pair and isinstance(exc, KeyMismatch):
+            event("reload_waiting", error=str(exc),
+                  detail="waiting one more watch period for the other file of the rotation before failing")
+            return None
         gw.metrics.config_reloads.labels("error").inc()
         event("reload", result="error", error=str(exc), detail="the running configuration is kept")
         return False
@@ -194,10 +203,11 @@ async def _watch(running: Running) -> None:
         if not every:
             continue
         now = await asyncio.get_running_loop().run_in_executor(None, fingerprint, running.config)
-        if now != running.watched:
+        if now != running.watched or running.waiting_for_pair:
             running.watched = now  # a failed reload is not retried until the files change again
-            event("reload_triggered", by="file change")
-            reload(running)
+            if not running.waiting_for_pair:
+                event("reload_triggered", by="file change")
+            running.waiting_for_pair = reload(running, wait_for_pair=not running.waiting_for_pair) is None
 
 
 async def stop(running: Running, quiet: bool = False) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from gateway.core.credentials import Trust
-from gateway.core.errors import SettingsError, StartError
+from gateway.core.errors import KeyMismatch, SettingsError, StartError
 from gateway.core.policy import PolicySet
 from gateway.shell.audit_writer import AuditWriter
 from gateway.shell.limits import Storage
@@ -49,6 +49,8 @@ def build_snapshot(config: Config) -> Snapshot:
         trust = load_trust(config, crl)
         policies = load_policies(config.policies)
         times = expiry(config).times
+    except KeyMismatch:
+        raise  # a reload from the file watcher may wait for the rotation's other file
     except SettingsError as exc:
         raise StartError(str(exc)) from None
     except (OSError, ValueError) as exc:

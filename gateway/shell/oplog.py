@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import itertools
 import json
 import logging
 import os
@@ -33,14 +34,15 @@ QUEUE_LINES = 256          # lines waiting for stdout at most; past that they ar
 
 
 class Writer:
-    """A bounded queue of lines and the thread that writes them to stdout (the file descriptor, or
-    `sys.stdout` when that has none, as under pytest's capture)."""
+    """A bounded queue of lines and the thread that writes them to stdout: the `sys.stdout` of the
+    moment each line was put (its file descriptor, or the object itself when it has none, as under
+    pytest's capture)."""
 
     def __init__(self, capacity: int = QUEUE_LINES):
         self.capacity = capacity
         self.dropped = 0                     # lines dropped since start
         self.on_drop: Callable[[], None] = lambda: None
-        self._lines: collections.deque[str] = collections.deque()
+        self._lines: collections.deque[tuple[object, str]] = collections.deque()
         self._unreported = 0                 # dropped lines the log has not said it lost yet
         self._busy = False                   # the thread holds lines it has not finished writing
         self._cond = threading.Condition()
@@ -53,7 +55,7 @@ class Writer:
                 self._unreported += 1
                 drop = self.on_drop
             else:
-                self._lines.append(line)
+                self._lines.append((sys.stdout, line))
                 self._cond.notify()
                 drop = None
             if self._thread is None or not self._thread.is_alive():
@@ -85,19 +87,19 @@ class Writer:
                 lost, self._unreported = self._unreported, 0
                 self._busy = True
             if lost:
-                lines.insert(0, _line("log_lines_dropped", count=lost,
-                                      detail="stdout did not take lines for a while; these were dropped"))
-            try:
-                _write("".join(lines))
-            except (OSError, ValueError):
-                pass  # stdout closed: nothing to tell it
+                lines.insert(0, (lines[0][0], _line("log_lines_dropped", count=lost,
+                                                    detail="stdout did not take lines for a while; these were dropped")))
+            for out, group in itertools.groupby(lines, key=lambda item: item[0]):
+                try:
+                    _write(out, "".join(line for _, line in group))
+                except (OSError, ValueError):
+                    pass  # stdout closed: nothing to tell it
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
 
 
-def _write(text: str) -> None:
-    out = sys.stdout
+def _write(out, text: str) -> None:
     try:
         fd = out.fileno()
     except (AttributeError, OSError, ValueError):

@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.core.errors import SettingsError
+from gateway.core.errors import KeyMismatch, SettingsError
 from gateway.shell.keys import load_private_key, password_callback, read_password
 from gateway.shell.settings import Config
 from gateway.core.credentials import CRLView, Trust
@@ -121,7 +121,8 @@ def server_context(config: Config) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     password = read_password(tls.key_password_file, config.file, "tls.key_password_file")
-    load_private_key(key, password, config.file, "tls.key", "tls.key_password_file")  # says what is wrong with it
+    private = load_private_key(key, password, config.file, "tls.key", "tls.key_password_file")
+    _check_pair(config, cert, private)
     try:
         ctx.load_cert_chain(cert, key, password=password_callback(password, key, config.file, "tls.key",
                                                                   "tls.key_password_file"))
@@ -144,6 +145,18 @@ def server_context(config: Config) -> ssl.SSLContext:
     if tls.x509_strict:  # off by default, as in nginx, Envoy and HAProxy: see x509_rules.py
         ctx.verify_flags |= ssl.VERIFY_X509_STRICT
     return ctx
+
+
+def _check_pair(config: Config, cert: Path, private) -> None:
+    """KeyMismatch when the key is not the certificate's: a rotation replaces the two files one at a time."""
+    try:
+        leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    except ValueError:
+        raise SettingsError(config.file, "tls.cert", f"{cert} is not a PEM certificate") from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if leaf.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+        raise KeyMismatch(config.file, "tls.cert/tls.key",
+                          f"{cert} and {config.tls.key} do not belong together (the key is not the certificate's)")
 
 
 def load_trust(config: Config, crl: CRLFacts | None) -> Trust:

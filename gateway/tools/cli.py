@@ -9,7 +9,7 @@ import argparse
 import sys
 import warnings
 
-from gateway.tools import pki
+from gateway.tools import certs
 from gateway.core.errors import SettingsError, StartError
 from gateway.shell.settings import load_config
 
@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
     ref = sub.add_parser("reference-api", help="run only the reference Automation API (plain HTTP)")
     ref.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
     ref.add_argument("--listen", metavar="HOST:PORT", help="address to listen on (default: reference_api.listen)")
-    pki.add_parser(sub)
+    certs.add_parser(sub)
 
     check = sub.add_parser("check", help="validate the config and every policy file; exit 1 on any problem")
     check.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "audit":
             return _audit_verify(args)
         if args.command == "certs":
-            return pki.cli_main(args)
+            return certs.cli_main(args)
         if args.command == "serve":
             if args.workers != 1 and args.worker_index is None:
                 return _serve_workers(args)
