@@ -18,6 +18,7 @@ from typing import Any
 from gateway.core.errors import Reason, SettingsError
 from gateway.core.identity import Identity
 from gateway.core.operations import ORDER_SCOPED, Operation
+from gateway.core.typed import whole
 
 MATCH_KEYS = ("subject", "common_name", "san_dns", "san_uri", "san_email", "fingerprint_sha256")
 POLICY_KEYS = ("client", "match", "allow", "solicitors", "anonymize", "rate_limit", "max_upload_bytes", "mode")
@@ -235,14 +236,18 @@ def parse_policy(data: Any, path: str) -> Policy:
         solicitors.append(Solicitor(s["source"], s["identifier"]))
     if (ops & (ORDER_SCOPED | {Operation.CREATE_ORDER})) and not solicitors:
         raise err("solicitors", "is empty: order operations are allowed but no solicitor is")
-    anonymize = data.get("anonymize") or []
+    anonymize = data.get("anonymize")
+    if anonymize is None:
+        anonymize = []
     if not isinstance(anonymize, list) or not all(isinstance(g, str) and g for g in anonymize):
         raise err("anonymize", "must be a list of externalId globs")
     if Operation.ANONYMIZE_USER in ops and not anonymize:
         raise err("anonymize", "is empty: anonymize_user is allowed but nobody may be anonymized")
     max_upload = data.get("max_upload_bytes")
-    if max_upload is not None and (isinstance(max_upload, bool) or not isinstance(max_upload, int) or max_upload < 1):
-        raise err("max_upload_bytes", "must be a positive integer")
+    if max_upload is not None:
+        max_upload = whole(max_upload)
+        if max_upload is None or max_upload < 1:
+            raise err("max_upload_bytes", "must be a positive integer")
     mode = data.get("mode", "enforce")
     if mode not in ("enforce", "report"):
         raise err("mode", "must be enforce or report")
@@ -272,8 +277,8 @@ def _parse_rate(data: Any, key: str, err) -> Rate:
     count = data[periods[0]]
     if isinstance(count, bool) or not isinstance(count, (int, float)) or not math.isfinite(count) or count <= 0:
         raise err(f"{key}.{periods[0]}", "must be a positive number")
-    burst = data["burst"] if "burst" in data else max(1, int(count))
-    if isinstance(burst, bool) or not isinstance(burst, int) or burst < 1:
+    burst = whole(data["burst"]) if "burst" in data else max(1, int(count))
+    if burst is None or burst < 1:
         raise err(f"{key}.burst", "must be a positive integer")
     return Rate(rate=count / PERIODS[periods[0]], burst=burst)
 
@@ -283,7 +288,9 @@ def _parse_rate_limit(data: Any, err) -> RateLimits:
         return RateLimits()
     if not isinstance(data, dict):
         raise err("rate_limit", "must be a mapping")
-    ops_data = data.get("operations") or {}
+    ops_data = data.get("operations")
+    if ops_data is None:
+        ops_data = {}
     client_part = {k: v for k, v in data.items() if k != "operations"}
     client = _parse_rate(client_part, "rate_limit", err) if client_part else None
     if not isinstance(ops_data, dict):

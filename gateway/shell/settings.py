@@ -3,15 +3,16 @@
 Unknown keys are errors, so that a misspelt security setting never silently
 falls back to a default. Paths are resolved against the config file's folder.
 The loader is driven by the dataclasses below: each section is a frozen
-dataclass whose fields are the only keys accepted.
+dataclass whose fields are the only keys accepted, and each field says what it
+is for and what values it takes (core/typed.py), which `gateway schema config`
+turns into the JSON Schema editors validate the file with.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,181 +20,148 @@ import yaml
 
 from gateway.core.errors import SettingsError
 from gateway.core.policy import PolicySet, Policy, parse_policy
+from gateway.core.typed import build, json_schema, setting
 
 DEFAULT_CONFIG = "config.yaml"
-
+HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):[0-9]{1,5}"
 
 
 @dataclass(frozen=True)
 class Listen:
-    host: str = "0.0.0.0"
-    port: int = 8443
+    """The mTLS front door."""
+
+    host: str = setting("0.0.0.0", "address to listen on (the committed config.yaml: 127.0.0.1, this machine only)")
+    port: int = setting(8443, "TCP port", maximum=65535)
 
 
 @dataclass(frozen=True)
 class Admin:
-    host: str = "127.0.0.1"
-    port: int = 9102
+    """The admin port: /metrics, /healthz, /readyz (plain HTTP: keep it off the public network)."""
+
+    host: str = setting("127.0.0.1", "address to listen on")
+    port: int = setting(9102, "TCP port", maximum=65535)
 
 
 @dataclass(frozen=True)
 class TLS:
-    cert: Path | None = None
-    key: Path | None = None
-    key_password_file: Path | None = None   # the passphrase of an encrypted key (never a prompt)
-    client_ca: Path | None = None
-    crl: Path | None = None
-    crl_check: str = "leaf"
-    min_version: str = "TLSv1.2"
-    x509_strict: bool = False          # true: also refuse certificates that break RFC 5280's encoding rules
+    """The front door's certificate and the client certificates it accepts (reloaded on change)."""
+
+    cert: Path | None = setting(None, "the gateway's server certificate (PEM; a chain may follow it)")
+    key: Path | None = setting(None, "the server certificate's private key (PEM)")
+    key_password_file: Path | None = setting(None, "a file holding the passphrase of an encrypted key "
+                                                   "(never an interactive prompt)")
+    client_ca: Path | None = setting(None, "CAs trusted for client certificates (PEM bundle; intermediates allowed)")
+    crl: Path | None = setting(None, "CRLs (PEM): revoked client certificates are refused")
+    crl_check: str = setting("leaf", "leaf: the client certificate's CRL; chain: a CRL for every CA of the chain",
+                             choices=("leaf", "chain"))
+    min_version: str = setting("TLSv1.2", "the oldest TLS version accepted", choices=("TLSv1.2", "TLSv1.3"))
+    x509_strict: bool = setting(False, "also refuse certificates that break RFC 5280's encoding rules")
 
 
 @dataclass(frozen=True)
 class Reload:
-    watch_s: float = 5.0               # re-check TLS and policy files every N s, reload on change (0: SIGHUP only)
+    """Picking up changed files without a signal."""
+
+    watch_s: float = setting(5.0, "re-read the TLS files, config.yaml and the policies every N seconds and "
+                                  "reload when they changed, as SIGHUP does (0: SIGHUP only)", minimum=0)
 
 
 @dataclass(frozen=True)
 class Upstream:
-    url: str = "embedded"
-    timeout_s: float = 30.0
-    keepalive_s: float = 10.0          # idle upstream connections older than this are not reused
-    max_connections: int = 100         # open upstream connections at most; callers past it wait
+    """Where allowed calls go."""
+
+    url: str = setting("embedded", "embedded (the reference API, run and supervised by the gateway) or the "
+                                   "http(s):// URL of a Signing Workflow server",
+                       pattern=r"embedded|https?://.+", pattern_message="must be 'embedded' or an http(s):// URL")
+    timeout_s: float = setting(30.0, "time for a free connection, connecting and the answer's head (else 504)")
+    keepalive_s: float = setting(10.0, "idle upstream connections older than this are not reused "
+                                       "(keep it below the upstream's own keep-alive timeout)")
+    max_connections: int = setting(100, "open upstream connections at most; callers past it wait", minimum=1)
 
 
 @dataclass(frozen=True)
 class IdentityToken:
-    key: Path | None = None
-    key_password_file: Path | None = None   # the passphrase of an encrypted key (never a prompt)
-    audience: str = "automation-api"
-    ttl_s: int = 60
+    """A short-lived signed JWT naming the client, sent upstream in X-Identity-Token."""
+
+    key: Path | None = setting(None, "EC P-256 or Ed25519 private key (PEM) that signs the tokens; "
+                                     "created when missing")
+    key_password_file: Path | None = setting(None, "a file holding the passphrase of an encrypted key "
+                                                   "(never an interactive prompt)")
+    audience: str = setting("automation-api", "the tokens' aud claim")
+    ttl_s: int = setting(60, "the tokens' lifetime in seconds", minimum=1)
 
 
 @dataclass(frozen=True)
 class ReferenceAPI:
-    listen: str = "127.0.0.1:8081"
-    data_dir: Path = Path("data")
-    directory: Path | None = None
-    timezone: str = "Europe/Stockholm"
-    signing_cert: Path | None = None
-    signing_key: Path | None = None
-    # Public key (PEM) that verifies identity tokens; derived from
-    # identity_token.key when that is set and this is not.
-    identity_token_public_key: Path | None = None
+    """The embedded reference Automation API (used when upstream.url is embedded)."""
+
+    listen: str = setting("127.0.0.1:8081", "HOST:PORT it listens on (plain HTTP)", pattern=HOST_PORT,
+                          pattern_message="is not HOST:PORT")
+    data_dir: Path = setting(Path("data"), "its SQLite database and signing key (made 0700)")
+    directory: Path | None = setting(None, "the user directory (YAML) that INTERNAL identifiers are looked up in")
+    timezone: str = setting("Europe/Stockholm", "the time zone a dueDate (which has none) is read in")
+    signing_cert: Path | None = setting(None, "certificate of the key that signs documents (default: made in "
+                                              "data_dir on first start)")
+    signing_key: Path | None = setting(None, "the key that signs documents (default: made in data_dir)")
+    identity_token_public_key: Path | None = setting(None, "public key (PEM) that verifies identity tokens "
+                                                           "(default: derived from identity_token.key)")
 
 
 @dataclass(frozen=True)
 class Audit:
-    path: Path = Path("data/audit.jsonl")
-    key_file: Path | None = None
-    redact: tuple[str, ...] = ()
-    sync: str = "answer"               # answer: a line is on disk before its answer's first byte; batch: within 10 ms
+    """The tamper-evident audit log: one JSON line a request."""
+
+    path: Path = setting(Path("data/audit.jsonl"), "the log file (created 0600); `--workers N` adds .w<i>")
+    key_file: Path | None = setting(None, "HMAC key (at least 16 bytes) of the hash chain: without it anyone "
+                                          "who can write the file can recompute the chain")
+    redact: tuple[str, ...] = setting(factory=tuple, doc="dotted fields written as a keyed hash instead of in "
+                                                         "clear, e.g. solicitor.identifier")
+    sync: str = setting("answer", "answer: a line is on disk (fsync) before its answer's first byte; batch: "
+                                  "written within 10 ms", choices=("answer", "batch"))
 
 
 @dataclass(frozen=True)
 class RateLimit:
-    storage: str = "memory"
-    on_storage_error: str = "deny"
+    """Where rate-limit state lives (the limits themselves are in the policies)."""
+
+    storage: str = setting("memory", "memory (one process) or redis://host:port/db (shared by gateways)")
+    on_storage_error: str = setting("deny", "when Redis cannot be reached: deny (503) or allow",
+                                    choices=("deny", "allow"))
 
 
 @dataclass(frozen=True)
 class Limits:
-    max_body_bytes: int = 33554432
-    header_timeout_s: float = 10.0
-    request_timeout_s: float = 120.0
-    drain_timeout_s: float = 30.0      # SIGTERM: how long in-flight requests may still take
-    max_connections: int = 10000       # open client connections at most; past it new ones are closed at once
+    """Bounds on what clients may send and hold open."""
+
+    max_body_bytes: int = setting(33554432, "the largest request body (413 past it)")
+    header_timeout_s: float = setting(10.0, "time for the TLS handshake and for each request's headers")
+    request_timeout_s: float = setting(120.0, "time for a whole request")
+    drain_timeout_s: float = setting(30.0, "SIGTERM: how long requests in flight may still take")
+    max_connections: int = setting(10000, "open client connections at most; past it new ones are closed at once",
+                                   minimum=1)
 
 
 @dataclass(frozen=True)
 class Config:
-    file: Path = Path(DEFAULT_CONFIG)
-    listen: Listen = field(default_factory=Listen)
-    admin: Admin = field(default_factory=Admin)
-    tls: TLS = field(default_factory=TLS)
-    reload: Reload = field(default_factory=Reload)
-    policies: Path = Path("policies")
-    upstream: Upstream = field(default_factory=Upstream)
-    identity_token: IdentityToken | None = None
-    reference_api: ReferenceAPI = field(default_factory=ReferenceAPI)
-    audit: Audit = field(default_factory=Audit)
-    rate_limit: RateLimit = field(default_factory=RateLimit)
-    limits: Limits = field(default_factory=Limits)
+    """The gateway's configuration (config.yaml). Paths are relative to this file's folder."""
+
+    file: Path = setting(Path(DEFAULT_CONFIG), key=False)
+    listen: Listen = setting(factory=Listen)
+    admin: Admin = setting(factory=Admin)
+    tls: TLS = setting(factory=TLS)
+    reload: Reload = setting(factory=Reload)
+    policies: Path = setting(Path("policies"), "the folder of policy files, one a client")
+    upstream: Upstream = setting(factory=Upstream)
+    identity_token: IdentityToken | None = setting(None, "off when absent")
+    reference_api: ReferenceAPI = setting(factory=ReferenceAPI)
+    audit: Audit = setting(factory=Audit)
+    rate_limit: RateLimit = setting(factory=RateLimit)
+    limits: Limits = setting(factory=Limits)
 
 
-_ZERO_ALLOWED = {"reload.watch_s"}
-_CHOICES = {
-    "tls.crl_check": ("leaf", "chain"),
-    "tls.min_version": ("TLSv1.2", "TLSv1.3"),
-    "rate_limit.on_storage_error": ("deny", "allow"),
-    "audit.sync": ("answer", "batch"),
-}
-
-
-def _convert(value: Any, tp: Any, where: str, file: Path, base: Path) -> Any:
-    """Convert one YAML value to the field type `tp`, or raise SettingsError."""
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(value, inner, where, file, base)
-    if dataclasses.is_dataclass(tp):
-        if value is None:
-            value = {}
-        if not isinstance(value, dict):
-            raise SettingsError(file, where, "must be a mapping")
-        return _build(tp, value, where, file, base)
-    if tp is Path:
-        if not isinstance(value, str) or not value:
-            raise SettingsError(file, where, "must be a non-empty path")
-        path = Path(value)
-        return path if path.is_absolute() else base / path
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise SettingsError(file, where, "must be true or false")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise SettingsError(file, where, "must be a non-negative integer")
-        return value
-    if tp is float:
-        if where in _ZERO_ALLOWED:
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise SettingsError(file, where, "must be a number, 0 or more")
-            return float(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise SettingsError(file, where, "must be a positive number")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise SettingsError(file, where, "must be a string")
-        allowed = _CHOICES.get(where)
-        if allowed and value not in allowed:
-            raise SettingsError(file, where, f"must be one of {', '.join(allowed)}")
-        return value
-    if origin is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise SettingsError(file, where, "must be a list of strings")
-        return tuple(value)
-    raise SettingsError(file, where, f"unsupported type {tp!r}")  # pragma: no cover
-
-
-def _build(cls: type, data: dict, prefix: str, file: Path, base: Path) -> Any:
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)} - {"file"}
-    kwargs = {}
-    for key, value in data.items():
-        where = f"{prefix}.{key}" if prefix else str(key)
-        if key not in names:
-            raise SettingsError(file, where, "unknown key")
-        kwargs[key] = _convert(value, hints[key], where, file, base)
-    # Relative defaults are relative to the config file's folder too.
-    for f in dataclasses.fields(cls):
-        if f.name not in kwargs and hints[f.name] is Path and f.default is not dataclasses.MISSING:
-            kwargs[f.name] = base / f.default
-    return cls(**kwargs)
+def config_schema() -> dict:
+    """The JSON Schema of config.yaml, from the same fields the loader reads."""
+    return json_schema(Config, "gateway config.yaml")
 
 
 def load_config(path: str | os.PathLike | None = None) -> Config:
@@ -214,15 +182,9 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     if not isinstance(data, dict):
         raise SettingsError(file, "", "must be a mapping of sections")
     base = file.resolve().parent
-    config = _build(Config, data, "", file, base)
+    config = build(Config, data, file, base)
     config = dataclasses.replace(config, file=file.resolve())
-    if config.upstream.url != "embedded" and not config.upstream.url.startswith(("http://", "https://")):
-        raise SettingsError(file, "upstream.url", "must be 'embedded' or an http(s):// URL")
-    parse_host_port(config.reference_api.listen, file, "reference_api.listen")
-    for key, value in (("upstream.max_connections", config.upstream.max_connections),
-                       ("limits.max_connections", config.limits.max_connections)):
-        if value < 1:
-            raise SettingsError(file, key, "must be at least 1")
+    parse_host_port(config.reference_api.listen, file, "reference_api.listen")   # its port's range
     return config
 
 

@@ -57,6 +57,13 @@ def _parser() -> argparse.ArgumentParser:
                        "policies folder's tests/)")
     ptest.add_argument("--format", choices=("text", "json"), default="text", help="output (default: text)")
 
+    schema = sub.add_parser(
+        "schema", help="print the JSON Schema of config.yaml or of a policy file, for editors",
+        description="Print the JSON Schema (draft 2020-12) that config.yaml or a policy file is read with, from "
+                    "the same definitions as the loader: give it to yaml-language-server (or any editor that reads "
+                    "JSON Schema) to validate and complete the files as you type.")
+    schema.add_argument("kind", choices=("config", "policy"), help="which file's schema")
+
     audit = sub.add_parser("audit", help="work with the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
     verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
@@ -117,6 +124,17 @@ def _policy_test(args) -> int:
     report = run_cases(policies, cases)
     print(render(report, args.format))
     return 1 if report.failures else 0
+
+
+def _schema(args) -> int:
+    import json
+
+    if args.kind == "config":
+        from gateway.shell.settings import config_schema as schema
+    else:
+        from gateway.core.policy_schema import policy_schema as schema
+    print(json.dumps(schema(), indent=2, ensure_ascii=False))
+    return 0
 
 
 def _audit_verify(args) -> int:
@@ -190,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
             return _policy_test(args) if args.policy_command == "test" else _explain(args)
         if args.command == "audit":
             return _audit_verify(args)
+        if args.command == "schema":
+            return _schema(args)
         if args.command == "certs":
             return certs.cli_main(args)
         if args.command == "serve":
