@@ -1,4 +1,4 @@
-"""`gateway check` and `gateway policy explain`, run as real commands (CONTRACT sections 2, 4, 5)."""
+"""`gateway check` and `gateway policy explain`, run as real commands (docs/operating.md, docs/configuration.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The admin port: metric names and labels of CONTRACT section 7, handshake failures, expiry, health."""
+"""The admin port: the metric names and labels of docs/metrics.md, handshake failures, expiry, health."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.shell.settings import load_config
 from gateway_harness import ORDER_CRM, gateway_running, session, write_config
 
-CONTRACT_METRICS = {
+DOCUMENTED_METRICS = {
     "gateway_requests": {"client", "operation", "status"},
     "gateway_denied": {"client", "reason"},
     "gateway_rate_limited": {"client", "operation"},
@@ -79,15 +79,15 @@ async def running(tmp_path, test_pki, recorder_url):
         yield url, load_config(config_path).admin
 
 
-async def test_contract_metrics_and_labels(running, test_pki):
+async def test_documented_metrics_and_labels(running, test_pki):
     url, admin = running
     assert await try_get(test_pki, test_pki.client("crm"), f"{url}/orders/{ORDER_CRM}/state") == 200
     assert await try_get(test_pki, test_pki.client("stranger"), f"{url}/orders/{ORDER_CRM}/state") == 403
     assert await try_get(test_pki, test_pki.client("crm"), f"{url}/orders/{ORDER_CRM}/nope") == 404
     families = await scrape(admin)
-    for name, labels in CONTRACT_METRICS.items():
+    for name, labels in DOCUMENTED_METRICS.items():
         assert name in families, name
-    for name, labels in CONTRACT_METRICS.items():
+    for name, labels in DOCUMENTED_METRICS.items():
         for sample in families[name]:
             assert labels <= set(sample.labels) | {"le"}, (name, sample.labels)
     assert value(families, "gateway_requests_total", client="crm", operation="order_state", status="200") == 1

@@ -109,7 +109,7 @@ def test_steady_requests_at_the_rate_are_never_refused():
 
 
 @pytest.mark.parametrize("now,count,period,burst", [
-    (0.0, 10, 1, 20),       # the contract's example limit: 19 pass
+    (0.0, 10, 1, 20),       # the documented example limit: 19 pass
     (0.0, 7, 60, 20),       # 19 pass
     (1000.0, 3, 1, 3),      # 2 pass
     (1000.0, 3, 1, 1),      # none pass, ever, at this clock value

@@ -1,7 +1,7 @@
 """Rate limits through the gateway: shared in Redis by two processes, in memory, and with the storage down.
 
 The Redis tests use a real `redis-server`: they skip when none is on PATH,
-except when CI=true, where they fail (CONTRACT section 1).
+except when CI=true, where they fail (README).
 """
 
 from __future__ import annotations

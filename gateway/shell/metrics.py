@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disa
 from gateway.core.operations import Operation
 from gateway.core.errors import POLICY_REASONS, Reason
 
-# The fixed reason labels of refused handshakes (CONTRACT section 6).
+# The fixed reason labels of refused handshakes (docs/metrics.md).
 HANDSHAKE_REASONS = ("no_certificate", "unknown_ca", "expired", "not_yet_valid", "revoked", "crl_missing",
                      "crl_expired", "bad_purpose", "nonconforming", "bad_signature", "protocol", "timeout", "other")
 
