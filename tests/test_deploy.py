@@ -184,6 +184,14 @@ def need_promtool() -> str:
     return found
 
 
+def test_what_the_files_tell_operators_says_changed_files_are_picked_up():
+    """Files are watched (reload.watch_s); SIGHUP is the other way, not the only one."""
+    texts = [v for r in alert_rules() for v in r.get("annotations", {}).values()]
+    texts += [p.get("description", "") for p in dashboard_panels()]
+    lonely = [t for t in texts if "SIGHUP" in t and "watch" not in t]
+    assert not lonely, lonely
+
+
 def test_alert_rules_promtool():
     result = subprocess.run([need_promtool(), "check", "rules", str(ALERTS)], capture_output=True, text=True,
                             timeout=60)

@@ -12,11 +12,11 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 from conftest import gateway_command, stop_process, wait_http
 from gateway.shell import oplog
 from gateway_harness import ORDER_CRM, POLICIES, session, write_config
+from test_gateway_ops import metric
 
 ISO_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
 
@@ -94,18 +94,6 @@ def test_log_records_are_one_json_line_with_the_error(monkeypatch, capsys):
     logged = json.loads(line)
     assert logged["event"] == "log" and logged["level"] == "error" and logged["message"] == "it failed: x"
     assert logged["error"] == "ValueError: boom" and "Traceback" in logged["traceback"]
-
-
-def metric(admin_port: int, name: str, **labels) -> float:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 async def test_serve_goes_on_when_nobody_reads_its_stdout(tmp_path, test_pki, recorder, recorder_url):

@@ -43,7 +43,8 @@ READINESS_INTERVAL_S = 5.0
 def note_crl(facts: CRLFacts | None) -> None:
     if crl_is_stale(facts, time.time()):
         event("crl_expired", next_update=facts.next_update,
-              detail="the CRL is past its nextUpdate: every client is refused until a fresh CRL is loaded (SIGHUP)")
+              detail="the CRL is past its nextUpdate: every client is refused until a fresh CRL is loaded "
+                     "(a changed tls.crl is picked up within reload.watch_s, or on SIGHUP)")
 
 
 @dataclass
