@@ -136,6 +136,17 @@ def wait_http(url: str, proc: subprocess.Popen | None = None, deadline_s: float 
     raise AssertionError(f"{url} did not answer within {deadline_s}s")
 
 
+def need_programs(*names: str) -> None:
+    """The programs a test drives (curl, openssl, ...): when one is missing the test skips and says which,
+    except under CI=true, where .ci/run has installed them all and a missing one is a failure."""
+    missing = [name for name in names if shutil.which(name) is None]
+    if not missing:
+        return
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{', '.join(missing)} not on PATH, and CI=true: .ci/run installs it", pytrace=False)
+    pytest.skip(f"{', '.join(missing)} not on PATH", allow_module_level=True)
+
+
 def gateway_command(*args: str) -> list[str]:
     exe = shutil.which("gateway")
     return [exe, *args] if exe else [sys.executable, "-m", "gateway", *args]

@@ -7,17 +7,16 @@ registry exports, so a renamed metric or a typo fails here rather than in produc
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from conftest import need_programs
 from gateway.shell.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,12 +175,8 @@ def test_alert_rules_cover_the_required_signals():
 
 def need_promtool() -> str:
     """promtool (Debian's prometheus package); under CI=true its absence is a failure, not a skip."""
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("promtool is not installed (.ci/run installs Debian's prometheus package)")
-        pytest.skip("promtool is not on PATH (Debian: apt install prometheus)")
-    return found
+    need_programs("promtool")   # Debian's prometheus package
+    return shutil.which("promtool")
 
 
 def test_what_the_files_tell_operators_says_changed_files_are_picked_up():

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import urllib.error
 import urllib.request
 
 import pytest
 
 import vendor_examples as ex
-from conftest import wait_http
+from conftest import need_programs, wait_http
 from gateway.shell.settings import load_config
 from gateway.reference.documents import sample_pdf
 from gateway_harness import POLICIES, write_config
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+need_programs("curl")
 
 
 @pytest.fixture

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import need_programs
 from gateway.shell import oplog
 from gateway_harness import ORDER_CRM, session
 
@@ -116,10 +117,7 @@ async def test_a_refused_handshake_says_why_as_nginx_does(gw, test_pki, capsys, 
     """A real TLS alert to the client (not a bare reset) and a log line naming the certificate."""
     import asyncio
     import json
-    import shutil
-
-    if shutil.which("curl") is None:
-        pytest.skip("curl is not installed")
+    need_programs("curl")
     cert = [] if which is None else ["--cert", str(test_pki.special(which)[0]), "--key", str(test_pki.special(which)[1])]
     proc = await asyncio.create_subprocess_exec("curl", "-sS", "--cacert", str(test_pki.ca), *cert, gw + STATE,
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)

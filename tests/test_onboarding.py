@@ -16,14 +16,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from conftest import gateway_command
+from conftest import gateway_command, need_programs
 from gateway.runtime import lifecycle
 from gateway.tools import certs, pki
 from gateway_harness import NOW, DAY, ORDER_CRM, gateway_running, write_config
 from test_gateway_metrics import scrape, value
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None,
-                                reason="needs the openssl and curl commands")
+need_programs("curl", "openssl")
 
 PARTNER = {"client": "partner", "match": {"subject": "CN=partner,O=gateway example"}, "allow": ["order_state"],
            "solicitors": [{"source": "EXTERNAL", "identifier": "*"}]}

@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
 
+from conftest import need_programs
 from gateway.shell import oplog
 from gateway.tools.check import check
 from gateway_harness import build_pki, gateway_running, write_config
 from test_gateway_metrics import scrape, value
 
-pytestmark = pytest.mark.skipif(shutil.which("openssl") is None or shutil.which("curl") is None,
-                                reason="the openssl and curl commands are needed")
+need_programs("curl", "openssl")
 
 # [extensions] sections as the tools write them; "none" drops what OpenSSL 3 would add by itself
 PROFILES = {

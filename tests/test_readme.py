@@ -19,14 +19,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import gateway_command, stop_process, wait_http
+from conftest import gateway_command, need_programs, stop_process, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCKS = re.findall(r"```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
 PORTS = (8443, 9102, 8081)
 
-pytestmark = pytest.mark.skipif(not all(shutil.which(p) for p in ("curl", "openssl")),
-                                reason="the README's blocks need curl and openssl")
+need_programs("curl", "openssl")
 
 
 def promised(block: str) -> list[str]:

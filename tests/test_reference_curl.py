@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import shutil
 
 import pytest
 
 import vendor_examples as ex
-from conftest import ROOT
+from conftest import ROOT, need_programs
 from gateway.reference.documents import sample_pdf
 
-pytestmark = pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+need_programs("curl")
 SEED = ROOT.parent / "shared" / "seed" / "automation-api.txt"
 
 
