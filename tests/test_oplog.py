@@ -56,13 +56,13 @@ def test_a_stuck_stdout_drops_and_counts_lines_and_says_so_once_it_moves(monkeyp
     monkeypatch.setattr(sys, "stdout", open(w, "w", closefd=True))
     writer = oplog.Writer(capacity=5)
     dropped = []
-    writer.on_drop = lambda: dropped.append(1)
+    writer.on_drop = dropped.append
     started = time.monotonic()
     for i in range(100):
         writer.put(json.dumps({"n": i, "pad": "x" * 1000}) + "\n")
     assert time.monotonic() - started < 0.5       # never waited for the pipe
     assert not writer.drain(0.2)                  # the pipe is full: the thread is stuck, the caller is not
-    assert writer.dropped == len(dropped) >= 80
+    assert writer.dropped == sum(dropped) >= 80
     read = []
     reader = threading.Thread(target=lambda: read.append(read_to_end(r)))
     reader.start()                                # stdout moves again
@@ -77,6 +77,46 @@ def test_a_stuck_stdout_drops_and_counts_lines_and_says_so_once_it_moves(monkeyp
     assert lost and sum(line["count"] for line in lost) == writer.dropped   # each says what was lost since the last
     assert all(ISO_UTC.fullmatch(line["ts"]) for line in lost)
     assert len([n for n in numbers if n != "after"]) + writer.dropped == 100 and numbers[-1] == "after"
+
+
+EMIT = """
+import sys
+from gateway.shell import oplog
+for batch in range(int(sys.argv[1])):
+    for i in range(200):
+        oplog.event("test", who=sys.argv[2], n=batch * 200 + i, pad="x" * 300)
+    assert oplog.drain(30)
+print(oplog.writer.dropped, file=sys.stderr)
+"""
+
+
+def emitters(count: int, batches: int, nonblocking: bool = False) -> tuple[list[str], list[str]]:
+    """`count` processes sharing one pipe as stdout, each logging batches of 200 lines, read slowly."""
+    r, w = os.pipe()
+    if nonblocking:
+        os.set_blocking(w, False)   # as some supervisors leave it: the flag is on the shared file description
+    procs = [subprocess.Popen([sys.executable, "-c", EMIT, str(batches), f"p{i}"], stdout=w, stderr=subprocess.PIPE,
+                              text=True) for i in range(count)]
+    os.close(w)
+    chunks = []
+    with open(r, "rb", buffering=0) as pipe:
+        while chunk := pipe.read(3000):
+            chunks.append(chunk)
+            time.sleep(0.0005)      # a slow collector: writers find the pipe full
+    errors = [p.communicate(timeout=60)[1].strip() for p in procs]
+    return b"".join(chunks).decode().splitlines(), errors
+
+
+def test_processes_sharing_stdout_never_break_each_others_lines():
+    lines, dropped = emitters(4, 3)
+    events = [json.loads(line) for line in lines]          # every line whole
+    assert len(events) == 4 * 600 and dropped == ["0"] * 4
+    assert {(e["who"], e["n"]) for e in events} == {(f"p{i}", n) for i in range(4) for n in range(600)}
+
+
+def test_a_non_blocking_stdout_is_waited_on_not_given_up():
+    lines, dropped = emitters(1, 5, nonblocking=True)
+    assert [json.loads(line)["n"] for line in lines] == list(range(1000)) and dropped == ["0"]
 
 
 def test_log_records_are_one_json_line_with_the_error(monkeypatch, capsys):

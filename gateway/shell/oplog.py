@@ -21,6 +21,7 @@ import itertools
 import json
 import logging
 import os
+import select
 import sys
 import threading
 import time
@@ -41,7 +42,7 @@ class Writer:
     def __init__(self, capacity: int = QUEUE_LINES):
         self.capacity = capacity
         self.dropped = 0                     # lines dropped since start
-        self.on_drop: Callable[[], None] = lambda: None
+        self.on_drop: Callable[[int], None] = lambda count: None   # told how many lines were dropped
         self._lines: collections.deque[tuple[object, str]] = collections.deque()
         self._unreported = 0                 # dropped lines the log has not said it lost yet
         self._busy = False                   # the thread holds lines it has not finished writing
@@ -64,7 +65,7 @@ class Writer:
                 self._thread = threading.Thread(target=self._run, name="oplog", daemon=True)
                 self._thread.start()
         if drop is not None:
-            drop()
+            drop(1)
 
     def drain(self, timeout_s: float = 2.0) -> bool:
         """Wait until every queued line is written (at exit, and for tests); False when stdout would not take them."""
@@ -89,26 +90,63 @@ class Writer:
             if lost:
                 lines.insert(0, (lines[0][0], _line("log_lines_dropped", count=lost,
                                                     detail="stdout did not take lines for a while; these were dropped")))
+            failed = 0
             for out, group in itertools.groupby(lines, key=lambda item: item[0]):
-                try:
-                    _write(out, "".join(line for _, line in group))
-                except (OSError, ValueError):
-                    pass  # stdout closed: nothing to tell it
+                texts = [line for _, line in group]
+                failed += len(texts) - _write(out, texts)
             with self._cond:
                 self._busy = False
+                if failed:   # stdout closed or broken: those lines are lost too
+                    self.dropped += failed
+                    self._unreported += failed
                 self._cond.notify_all()
+            if failed:
+                self.on_drop(failed)
 
 
-def _write(out, text: str) -> None:
+def _write(out, lines: list[str]) -> int:
+    """Write whole lines to `out`; how many were written before it failed.
+
+    To a file descriptor, in chunks of whole lines of at most PIPE_BUF bytes: a pipe keeps such a
+    write in one piece, so the processes of `--workers N`, which share stdout, never interleave inside
+    a line. A stdout left non-blocking by whoever started the gateway is waited on, not given up on.
+    """
     try:
         fd = out.fileno()
     except (AttributeError, OSError, ValueError):
-        out.write(text)
-        out.flush()
-        return
-    data = text.encode()
-    while data:
-        data = data[os.write(fd, data):]
+        try:
+            out.write("".join(lines))
+            out.flush()
+        except (OSError, ValueError):
+            return 0
+        return len(lines)
+    written = 0
+    for chunk, count in _chunks(lines):
+        try:
+            while chunk:
+                try:
+                    chunk = chunk[os.write(fd, chunk):]
+                except BlockingIOError:
+                    select.select([], [fd], [])
+        except (OSError, ValueError):
+            return written
+        written += count
+    return written
+
+
+def _chunks(lines: list[str]):
+    """(bytes, how many lines) of at most PIPE_BUF bytes each, but for a line longer than that alone."""
+    chunk: list[bytes] = []
+    size = 0
+    for line in lines:
+        data = line.encode()
+        if chunk and size + len(data) > select.PIPE_BUF:
+            yield b"".join(chunk), len(chunk)
+            chunk, size = [], 0
+        chunk.append(data)
+        size += len(data)
+    if chunk:
+        yield b"".join(chunk), len(chunk)
 
 
 def _line(kind: str, **fields) -> str:
