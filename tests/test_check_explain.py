@@ -171,28 +171,47 @@ def test_server_cert_expiring_soon_is_a_warning(tmp_path, test_pki):
     assert cert.subject.rfc4514_string() in line and f"{NOW + 5 * DAY:%Y-%m-%d}" in line
 
 
-# -- gateway check: the committed example CA on the network ------------------------------------------
+# -- gateway check: the committed example keys on the network ----------------------------------------
 EXAMPLE = ROOT / "certs.example"
 
 
-@pytest.mark.parametrize("host, ca, warned", [
-    ("0.0.0.0", EXAMPLE / "ca.crt", True),
-    ("::", EXAMPLE / "ca.crt", True),
-    ("gateway.example.org", EXAMPLE / "ca.crt", True),
-    ("127.0.0.1", EXAMPLE / "ca.crt", False),
-    ("localhost", EXAMPLE / "ca.crt", False),
-    ("::1", EXAMPLE / "ca.crt", False),
-    ("0.0.0.0", None, False),   # the test PKI's own CA, whose key is not public
+def reissued_example_ca(tmp_path: Path) -> Path:
+    """A new CA certificate made from the committed example CA's key (as a renewal would)."""
+    _, key = pki.load_ca(EXAMPLE)
+    cert, _ = pki.make_ca("renewed example CA", not_before=NOW - DAY, not_after=NOW + 400 * DAY, key=key)
+    pki.write_pem(tmp_path / "renewed-ca.crt", cert)
+    pki.write_pem(tmp_path / "renewed-ca.key", key)
+    pki.write_pem(tmp_path / "renewed-crl.pem", pki.make_crl(cert, key, number=1, last_update=NOW - DAY,
+                                                             next_update=NOW + 30 * DAY))
+    return tmp_path / "renewed-ca.crt"
+
+
+@pytest.mark.parametrize("host, which, warned", [
+    ("0.0.0.0", "ca", ["example CA"]),
+    ("::", "ca", ["example CA"]),
+    ("gateway.example.org", "ca", ["example CA"]),
+    ("127.0.0.1", "ca", []),
+    ("localhost", "ca", []),
+    ("::1", "ca", []),
+    ("0.0.0.0", "renewed ca", ["example CA"]),        # the same key in a new certificate
+    ("0.0.0.0", "server", ["pose as this gateway"]),
+    ("0.0.0.0", None, []),                             # the test PKI's own keys, which are not public
 ])
-def test_the_example_ca_on_the_network_is_a_warning(tmp_path, test_pki, host, ca, warned):
-    tls = {"client_ca": str(ca), "crl": str(ca.parent / "crl.pem")} if ca else {}
+def test_the_example_keys_on_the_network_are_a_warning(tmp_path, test_pki, host, which, warned):
+    tls = {}
+    if which == "ca":
+        tls = {"client_ca": str(EXAMPLE / "ca.crt"), "crl": str(EXAMPLE / "crl.pem")}
+    elif which == "renewed ca":
+        tls = {"client_ca": str(reissued_example_ca(tmp_path)), "crl": str(tmp_path / "renewed-crl.pem")}
+    elif which == "server":
+        tls = {"cert": str(EXAMPLE / "server.crt"), "key": str(EXAMPLE / "server.key")}
     path = config(tmp_path, test_pki, tls=tls, listen={"host": host, "port": 8443})
     rc, out, err = check(path)
     assert (rc, out.strip()) == (0, "OK"), err
     found = [line for line in err if ": listen.host:" in line]
-    assert len(found) == int(warned), err
-    if warned:
-        assert found[0].startswith("warning: ") and "example CA" in found[0] and "private key is public" in found[0]
+    assert len(found) == len(warned), err
+    for line, what in zip(found, warned):
+        assert line.startswith("warning: ") and what in line and "private key is public" in line
 
 
 def test_the_committed_configs_listen_where_they_should():
@@ -202,7 +221,7 @@ def test_the_committed_configs_listen_where_they_should():
     assert yaml.safe_load((ROOT / "deploy" / "container-config.yaml").read_text())["listen"]["host"] == "0.0.0.0"
 
 
-async def test_serve_logs_the_example_ca_on_the_network(tmp_path, test_pki, capsys):
+async def test_serve_logs_the_example_keys_at_start_and_on_a_reload_that_brings_them(tmp_path, test_pki, capsys):
     from gateway.runtime import lifecycle
     from gateway.shell import oplog
     from gateway.shell.settings import load_config
@@ -210,10 +229,20 @@ async def test_serve_logs_the_example_ca_on_the_network(tmp_path, test_pki, caps
     path = config(tmp_path, test_pki, tls={"client_ca": str(EXAMPLE / "ca.crt"), "crl": str(EXAMPLE / "crl.pem")},
                   listen={"host": "0.0.0.0", "port": free_port()})
     running = await lifecycle.start(load_config(path))
-    await lifecycle.stop(running, quiet=True)
-    oplog.drain()
-    events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert [e["event"] for e in events][:2] == ["insecure_example_ca", "start"], events
+    try:
+        oplog.drain()
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        assert [e["event"] for e in events][:2] == ["insecure_example_key", "start"], events
+        settings = json.loads(path.read_text())
+        settings["tls"].update(cert=str(EXAMPLE / "server.crt"), key=str(EXAMPLE / "server.key"))
+        path.write_text(json.dumps(settings))
+        assert lifecycle.reload(running)
+        oplog.drain()
+        events = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+        exposed = [e["detail"] for e in events if e["event"] == "insecure_example_key"]
+        assert len(exposed) == 2 and "pose as this gateway" in exposed[1], events
+    finally:
+        await lifecycle.stop(running, quiet=True)
 
 
 # -- gateway check: keys and storage ----------------------------------------------------------------

@@ -33,7 +33,7 @@ from gateway.shell.listener import ConnectionGate, ContextHolder, TLSSite
 from gateway.shell.metrics import Metrics
 from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event, use_for_logging
 from gateway.shell.settings import Config, load_config
-from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale, example_ca_exposed
+from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale, example_keys_exposed
 
 
 
@@ -45,6 +45,11 @@ def note_crl(facts: CRLFacts | None) -> None:
         event("crl_expired", next_update=facts.next_update,
               detail="the CRL is past its nextUpdate: every client is refused until a fresh CRL is loaded "
                      "(a changed tls.crl is picked up within reload.watch_s, or on SIGHUP)")
+
+
+def note_example_keys(config: Config) -> None:
+    for why in example_keys_exposed(config):
+        event("insecure_example_key", detail=why)
 
 
 @dataclass
@@ -104,9 +109,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
         running.tasks.append(asyncio.create_task(supervise(reference), name="supervise-upstream"))
     stack.callback(lambda: [task.cancel() for task in running.tasks])
     running.watched = fingerprint(config)
-    exposed = example_ca_exposed(config)
-    if exposed:
-        event("insecure_example_ca", detail=exposed)
+    note_example_keys(config)
     event("start", listen=f"https://{config.listen.host}:{config.listen.port}",
           admin=f"http://{config.admin.host}:{config.admin.port}", upstream=gateway.upstream.base_url,
           clients=[p.client for p in snap.policies.policies], rate_limit=config.rate_limit.storage,
@@ -192,7 +195,9 @@ def reload(running: Running, wait_for_pair: bool = False) -> bool | None:
         event("reload_needs_restart", keys=restart,
               detail="these keys changed in the config file but take effect only when the gateway restarts")
     note_crl(snap.crl)
+    note_example_keys(config)
     running.watched = fingerprint(config)
+    running.waiting_for_pair = False
     return True
 
 

@@ -184,9 +184,10 @@ def expiry(config: Config) -> Expiry:
     return Expiry(times)
 
 
-# The committed example CA (certs.example/ca.crt): its private key is in the repository, so anyone
-# who has the repository can mint a client certificate it vouches for.
-EXAMPLE_CA_SHA256 = "c54c889288482d22c0bf3039e4968f6c4360c107343551e837e0e4dba86baf3c"
+# The committed example PKI's public keys (SHA-256 of the SubjectPublicKeyInfo): their private keys are
+# in the repository. A certificate is matched by its key, so one re-issued from the same key counts too.
+EXAMPLE_CA_KEY = "11d833af51423cf00d238fcd03962ca7b589bf1fb5a32dc0ff1c8c061085fa34"
+EXAMPLE_SERVER_KEY = "7581ca1af48f7072c99c47a23492e1c3c157b766a30438c93deffb8890161621"
 
 
 def is_loopback(host: str) -> bool:
@@ -199,17 +200,25 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: whatever it resolves to, assume the network can reach it
 
 
-def example_ca_exposed(config: Config) -> str | None:
-    """Why the front door is open to anyone (it listens beyond loopback and trusts the example CA), or None."""
-    if is_loopback(config.listen.host) or config.tls.client_ca is None:
-        return None
+def _key_ids(path: Path | None) -> set[str]:
     try:
-        cas = x509.load_pem_x509_certificates(Path(config.tls.client_ca).read_bytes())
+        certs = x509.load_pem_x509_certificates(Path(path).read_bytes()) if path else []
     except (OSError, ValueError):
-        return None  # what is wrong with the file is said elsewhere
-    if not any(hashlib.sha256(ca.public_bytes(serialization.Encoding.DER)).hexdigest() == EXAMPLE_CA_SHA256
-               for ca in cas):
-        return None
-    return (f"{config.listen.host} is reachable from the network and tls.client_ca trusts the "
-            "committed example CA, whose private key is public: anyone can mint a client certificate for it. "
-            "Listen on 127.0.0.1, or use your own CA")
+        return set()  # what is wrong with the file is said elsewhere
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    return {hashlib.sha256(c.public_key().public_bytes(*spki)).hexdigest() for c in certs}
+
+
+def example_keys_exposed(config: Config) -> list[str]:
+    """Why the front door is open to anyone: it listens beyond loopback with a key of the committed example PKI."""
+    if is_loopback(config.listen.host):
+        return []
+    where = f"{config.listen.host} is reachable from the network"
+    found = []
+    if EXAMPLE_CA_KEY in _key_ids(config.tls.client_ca):
+        found.append(f"{where} and tls.client_ca trusts the committed example CA, whose private key is public: "
+                     "anyone can mint a client certificate for it. Listen on 127.0.0.1, or use your own CA")
+    if EXAMPLE_SERVER_KEY in _key_ids(config.tls.cert):
+        found.append(f"{where} and tls.cert is the committed example server certificate, whose private key is "
+                     "public: anyone can pose as this gateway. Listen on 127.0.0.1, or use a key of your own")
+    return found

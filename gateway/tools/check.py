@@ -25,7 +25,7 @@ from gateway.core.strictjson import json_value
 from gateway.shell.keys import readable_by_others
 from gateway.shell.limits import storage_from_url
 from gateway.shell.settings import Config, check_policies, load_config, load_policies
-from gateway.shell.tls import check_crl, crl_is_stale, example_ca_exposed, load_crls, server_context
+from gateway.shell.tls import check_crl, crl_is_stale, example_keys_exposed, load_crls, server_context
 from gateway.shell.token import TokenIssuer, configured_key
 from gateway.core.x509_rules import broken_rules
 
@@ -56,9 +56,7 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
                        config.identity_token.key_password_file if config.identity_token else None)):
         if readable_by_others(path):
             warnings.append(f"{where}: {key}: {path} can be read by others than its owner (chmod 600 it)")
-    exposed = example_ca_exposed(config)
-    if exposed:
-        warnings.append(f"{where}: listen.host: {exposed}")
+    warnings += [f"{where}: listen.host: {why}" for why in example_keys_exposed(config)]
     trust_problems, trust_warnings = _trust(config, time.time())
     problems += trust_problems
     warnings += trust_warnings
