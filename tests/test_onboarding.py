@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import gateway_command, need_programs
@@ -85,6 +86,7 @@ async def test_sign_certifies_the_integrators_own_key_as_the_ca_decides(tmp_path
 @pytest.mark.parametrize("make, message", [
     ("tampered", "signature does not verify"),
     ("rsa1024", "too weak"),
+    ("p192", "the curve"),
     ("garbage", "not a certificate request"),
 ])
 def test_sign_refuses_requests_it_cannot_trust(tmp_path, make, message):
@@ -100,6 +102,11 @@ def test_sign_refuses_requests_it_cannot_trust(tmp_path, make, message):
     elif make == "rsa1024":
         subprocess.run(["openssl", "req", "-new", "-newkey", "rsa:1024", "-nodes", "-keyout", str(tmp_path / "k"),
                         "-out", str(csr), "-subj", "/CN=weak"], check=True, capture_output=True)
+    elif make == "p192":
+        request = x509.CertificateSigningRequestBuilder().subject_name(
+            x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "weak")]))
+        csr.write_bytes(request.sign(ec.generate_private_key(ec.SECP192R1()), hashes.SHA256())
+                        .public_bytes(serialization.Encoding.PEM))
     else:
         csr.write_text("not a request\n")
     proc = gateway("certs", "sign", str(ca_dir), str(csr), "partner", cwd=tmp_path)
@@ -113,11 +120,21 @@ def test_sign_refuses_a_name_in_use_unless_forced(tmp_path):
     _, csr = integrator_request(tmp_path / "i")
     proc = gateway("certs", "sign", str(ca_dir), str(csr), "partner", cwd=tmp_path)
     assert proc.returncode == 1 and "already exists" in proc.stderr and "--force" in proc.stderr
+    earlier = x509.load_pem_x509_certificate((ca_dir / "clients" / "partner.crt").read_bytes())
     proc = gateway("certs", "sign", str(ca_dir), str(csr), "partner", "--force", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "is not revoked" in proc.stdout        # the earlier certificate still works: the operator is told
+    assert "is not revoked" in proc.stdout        # the earlier certificate still works: the operator is told how
     assert not (ca_dir / "clients" / "partner.key").exists()   # the earlier key was moved aside with its cert
     assert len(list((ca_dir / "clients").glob("partner.key.*"))) == 1
+    command = proc.stdout.split("if it must stop working: ", 1)[1].split()
+    assert command[:3] == ["gateway", "certs", "revoke"] and command[-2:] == ["--serial", f"{earlier.serial_number:x}"]
+    assert gateway(*command[1:], cwd=tmp_path).returncode == 0
+    crl = x509.load_pem_x509_crl((ca_dir / "crl.pem").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(earlier.serial_number) is not None
+    current = x509.load_pem_x509_certificate((ca_dir / "clients" / "partner.crt").read_bytes())
+    assert crl.get_revoked_certificate_by_serial_number(current.serial_number) is None
+    wrong = gateway("certs", "revoke", str(ca_dir), "partner", "--serial", "abc", cwd=tmp_path)
+    assert wrong.returncode == 1 and "no certificate of partner with serial 0xabc" in wrong.stderr
 
 
 async def test_a_client_is_issued_again_after_a_revoke(tmp_path, test_pki, recorder_url):

@@ -26,6 +26,7 @@ from gateway.tools.pki import (
 )
 
 MIN_RSA_BITS = 2048
+CURVES = (ec.SECP256R1, ec.SECP384R1, ec.SECP521R1)   # what OpenSSL's default security level takes
 
 
 def _check_name(name: str) -> str:
@@ -174,6 +175,9 @@ def _request(path: Path) -> x509.CertificateSigningRequest:
     key = csr.public_key()
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
         raise PKIError(f"{path}: an RSA key of {key.key_size} bits is too weak (at least {MIN_RSA_BITS})")
+    if isinstance(key, ec.EllipticCurvePublicKey) and not isinstance(key.curve, CURVES):
+        raise PKIError(f"{path}: the curve {key.curve.name} is not one TLS clients are authenticated with here "
+                       "(use P-256, P-384 or P-521)")
     if not isinstance(key, (rsa.RSAPublicKey, ec.EllipticCurvePublicKey, ed25519.Ed25519PublicKey)):
         raise PKIError(f"{path}: a {type(key).__name__} key cannot authenticate a TLS client here "
                        "(use EC P-256/P-384, RSA or Ed25519)")
@@ -210,22 +214,35 @@ def _still_valid_earlier(dir: Path, name: str) -> str | None:
             or cert.not_valid_after_utc <= _now():
         return None
     return (f"note: the earlier {name} certificate (serial {cert.serial_number:#x}) is not revoked and stays valid "
-            f"until {cert.not_valid_after_utc:%Y-%m-%d}: put it on the CRL if it must stop working")
+            f"until {cert.not_valid_after_utc:%Y-%m-%d}; if it must stop working: "
+            f"gateway certs revoke {dir} {name} --serial {cert.serial_number:x}")
 
 
-def revoke(dir: Path, name: str) -> int:
-    """Add clients/NAME.crt to DIR/crl.pem (re-signed, CRL number + 1); returns its serial.
+def revoke(dir: Path, name: str, serial: int | None = None) -> int:
+    """Add clients/NAME.crt (or, given `serial`, NAME's certificate of that serial, one an earlier --force
+    moved aside included) to DIR/crl.pem, re-signed with CRL number + 1; returns its serial.
 
     Already-revoked certificates keep their entries; revoking one twice changes nothing.
     """
-    return _revoke(Path(dir), name)[0]
+    return _revoke(Path(dir), name, serial)[0]
 
 
-def _revoke(dir: Path, name: str) -> tuple[int, bool]:
+def _certificate_of(dir: Path, name: str, serial: int | None) -> tuple[Path, x509.Certificate]:
+    crt_path, _ = _client_paths(dir, name)
+    if serial is None:
+        return crt_path, load_cert(crt_path)
+    for path in [crt_path, *sorted(crt_path.parent.glob(f"{crt_path.name}.*"))]:
+        if path.is_file():
+            cert = load_cert(path)
+            if cert.serial_number == serial:
+                return path, cert
+    raise PKIError(f"{crt_path.parent}: no certificate of {name} with serial {serial:#x}")
+
+
+def _revoke(dir: Path, name: str, serial: int | None = None) -> tuple[int, bool]:
     """revoke(), also saying whether crl.pem was rewritten (False: already listed)."""
     _check_name(name)
-    crt_path, _ = _client_paths(dir, name)
-    cert = load_cert(crt_path)
+    crt_path, cert = _certificate_of(dir, name, serial)
     ca_cert, ca_key = load_ca(dir)
     try:
         cert.verify_directly_issued_by(ca_cert)
@@ -297,7 +314,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                                    "gateway picks it up within reload.watch_s (or on SIGHUP).")
     p.add_argument("dir", metavar="DIR", type=Path, help="folder made by `gateway certs init`")
     p.add_argument("name", metavar="NAME", help="client name, as in DIR/clients/NAME.crt")
+    p.add_argument("--serial", metavar="HEX", type=_hex,
+                   help="revoke NAME's certificate of this serial instead of the current one (e.g. one that "
+                        "issue/sign --force moved aside)")
     return certs
+
+
+def _hex(text: str) -> int:
+    try:
+        return int(text.removeprefix("0x"), 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a hexadecimal serial") from None
 
 
 def _client_options(p: argparse.ArgumentParser) -> None:
@@ -328,7 +355,7 @@ def cli_main(args: argparse.Namespace) -> int:
             print(f"wrote {path}: {cert.subject.rfc4514_string()}{note}, serial {cert.serial_number:#x}, "
                   f"valid until {cert.not_valid_after_utc:%Y-%m-%d}; the private key stays with its holder")
         elif args.certs_command == "revoke":
-            serial, changed = _revoke(Path(args.dir), args.name)
+            serial, changed = _revoke(Path(args.dir), args.name, args.serial)
             crl = Path(args.dir) / "crl.pem"
             if changed:
                 print(f"revoked {args.name} (serial {serial:#x}); wrote {crl}")
