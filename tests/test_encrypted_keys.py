@@ -8,13 +8,14 @@ import pty
 import select
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from conftest import gateway_command
+from conftest import gateway_command, need_programs
 from gateway.core.errors import SettingsError
 from gateway.shell.token import load_or_create_key
 from gateway_harness import ORDER_CRM, POLICIES, gateway_running, session, write_config
@@ -155,3 +156,14 @@ def test_check_names_an_encrypted_identity_token_key_without_its_passphrase(tmp_
     code, out = on_a_terminal("check", "-c", str(config), cwd=tmp_path)
     assert code == 1 and "identity_token.key" in out and "identity_token.key_password_file" in out, out
     assert json.loads(config.read_text())["identity_token"] == {"key": "token.key"}
+
+
+def test_a_key_of_a_kind_the_gateway_cannot_use_is_one_line(tmp_path, test_pki):
+    need_programs("openssl")
+    key = tmp_path / "sm2.key"
+    subprocess.run(["openssl", "genpkey", "-algorithm", "SM2", "-out", str(key)], check=True, capture_output=True)
+    config = write_config(tmp_path, test_pki, "http://127.0.0.1:9", tls=tls(test_pki, key))
+    code, out = on_a_terminal("check", "-c", str(config), cwd=tmp_path)
+    assert code == 1 and "Traceback" not in out, out
+    (line,) = [line for line in out.splitlines() if "tls.key" in line]
+    assert "cannot use" in line

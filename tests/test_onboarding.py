@@ -4,6 +4,7 @@ a client re-issued after a revoke, a server certificate rotated file by file whi
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import socket
 import ssl
@@ -205,9 +206,9 @@ async def test_a_rotation_done_file_by_file_reloads_once_without_a_failure(rotat
     config, cert, key, new_cert, new_key = rotating
     async with gateway_running(config) as (_, running):
         pki.write_pem(cert, new_cert)                   # the certificate first: it does not fit the key yet
-        await wait_for(lambda: running.waiting_for_pair)
+        await wait_for(lambda: running.waiting_for_files)
         pki.write_pem(key, new_key)                     # within the next watch period, the key
-        await wait_for(lambda: not running.waiting_for_pair)
+        await wait_for(lambda: not running.waiting_for_files)
         assert (await reloads(running, "ok"), await reloads(running, "error")) == (1, 0)
         assert await asyncio.to_thread(served_serial, running, test_pki.client("crm")) == new_cert.serial_number   # the new pair serves
 
@@ -217,11 +218,56 @@ async def test_a_key_that_never_comes_is_a_failed_reload_one_period_later(rotati
     async with gateway_running(config) as (_, running):
         old_context = running.contexts.context
         pki.write_pem(cert, new_cert)
-        await wait_for(lambda: running.waiting_for_pair)
+        await wait_for(lambda: running.waiting_for_files)
         assert await reloads(running, "error") == 0
-        await wait_for(lambda: not running.waiting_for_pair, deadline_s=5)
+        await wait_for(lambda: not running.waiting_for_files, deadline_s=5)
         assert (await reloads(running, "ok"), await reloads(running, "error")) == (0, 1)
         assert running.contexts.context is old_context   # the running pair stays in force
+
+
+async def test_a_crl_caught_half_written_is_not_a_failure(rotating, test_pki, tmp_path):
+    config, *_ = rotating
+    crl = tmp_path / "crl.pem"
+    shutil.copy(test_pki.dir / "crl.pem", crl)
+    settings = json.loads(config.read_text())
+    settings["tls"]["crl"] = str(crl)
+    config.write_text(json.dumps(settings))
+    async with gateway_running(config) as (_, running):
+        whole = crl.read_bytes()
+        crl.write_bytes(whole[: len(whole) // 2])          # as `cp` leaves it for a moment
+        await wait_for(lambda: running.waiting_for_files)
+        crl.write_bytes(whole)
+        await wait_for(lambda: not running.waiting_for_files)
+        assert await reloads(running, "error") == 0
+
+
+async def test_sighup_during_the_wait_ends_it_without_a_second_reload(rotating):
+    config, cert, key, new_cert, new_key = rotating
+    async with gateway_running(config) as (_, running):
+        pki.write_pem(cert, new_cert)
+        await wait_for(lambda: running.waiting_for_files)
+        pki.write_pem(key, new_key)
+        assert lifecycle.reload(running) is True          # SIGHUP, before the watcher's next period
+        assert not running.waiting_for_files
+        await asyncio.sleep(1.5)                           # the next period finds nothing new
+        assert (await reloads(running, "ok"), await reloads(running, "error")) == (1, 0)
+
+
+async def test_the_watch_outlives_an_unexpected_error(rotating, monkeypatch):
+    config, cert, key, new_cert, new_key = rotating
+    async with gateway_running(config) as (_, running):
+        def broken(_):
+            raise RuntimeError("something nobody expected")
+
+        monkeypatch.setattr(lifecycle, "build_snapshot", broken)
+        pki.write_pem(cert, new_cert)
+        pki.write_pem(key, new_key)
+        await asyncio.sleep(1.5)
+        monkeypatch.undo()
+        settings = json.loads(config.read_text())
+        settings["limits"]["request_timeout_s"] = 11
+        config.write_text(json.dumps(settings))             # the next change is picked up all the same
+        await wait_for(lambda: running.config.limits.request_timeout_s == 11)
 
 
 async def test_sighup_does_not_wait(rotating):

@@ -80,9 +80,5 @@ class SettingsError(Exception):
         super().__init__(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
-class KeyMismatch(SettingsError):
-    """A certificate and the key given for it do not belong together (mid-rotation, often)."""
-
-
 class StartError(Exception):
     """The gateway cannot start; one line saying why."""

@@ -19,7 +19,7 @@ from typing import Callable
 
 from aiohttp import web
 
-from gateway.core.errors import KeyMismatch, SettingsError, StartError
+from gateway.core.errors import SettingsError, StartError
 from gateway.runtime.admin import admin_app, readiness
 from gateway.runtime.embedded import supervise
 from gateway.runtime.pipeline import Pipeline
@@ -61,7 +61,7 @@ class Running:
     handshakes: Summary
     tasks: list[asyncio.Task]
     watched: str = ""             # the fingerprint of the watched files at the last (re)load
-    waiting_for_pair: bool = False  # the watcher saw a certificate and key that do not fit: one more period
+    waiting_for_files: bool = False  # the watcher found TLS files it could not use: it tries once more
     worker: int | None = None     # the index of a `serve --workers N` worker
 
     @property
@@ -164,21 +164,22 @@ async def _readiness(running: Running) -> None:
             await asyncio.sleep(READINESS_INTERVAL_S)
 
 
-def reload(running: Running, wait_for_pair: bool = False) -> bool | None:
+def reload(running: Running, wait_for_files: bool = False) -> bool | None:
     """SIGHUP (or a watched file changed): re-read config.yaml and build the snapshot aside, as start
     does, then swap it in at once. Keys that need a restart are logged, not applied.
 
-    `wait_for_pair` (the file watcher's first try): a certificate and key that do not belong together are
-    taken for a rotation half done, which replaces the two files one at a time; the reload returns None
-    and is tried again at the next watch period, and only then does a mismatch count as a failure."""
+    `wait_for_files` (the file watcher's first try): TLS files that cannot be used are taken for a
+    rotation half done (a certificate replaced before its key, a file still being written); the reload
+    returns None and is tried again at the next watch period, and only then counts as a failure."""
     gw = running.gateway
     try:
         config, applied, restart = merge(running.config, load_config(running.config.file))
         snap = build_snapshot(config)
     except (StartError, SettingsError) as exc:
-        if wait_for_pair and isinstance(exc, KeyMismatch):
+        if wait_for_files and isinstance(exc, SettingsError) and exc.key.startswith("tls"):
             event("reload_waiting", error=str(exc),
-                  detail="waiting one more watch period for the other file of the rotation before failing")
+                  detail="the TLS files cannot be used yet: waiting one more watch period for a rotation's "
+                         "other file before failing")
             return None
         gw.metrics.config_reloads.labels("error").inc()
         event("reload", result="error", error=str(exc), detail="the running configuration is kept")
@@ -197,23 +198,29 @@ def reload(running: Running, wait_for_pair: bool = False) -> bool | None:
     note_crl(snap.crl)
     note_example_keys(config)
     running.watched = fingerprint(config)
-    running.waiting_for_pair = False
+    running.waiting_for_files = False
     return True
 
 
 async def _watch(running: Running) -> None:
-    """reload.watch_s: reload, as SIGHUP does, when a watched file's bytes change."""
+    """reload.watch_s: reload, as SIGHUP does, when a watched file's bytes change. Nothing ends the watch:
+    an unexpected error is logged and the next period tries again."""
     while True:
         every = running.config.reload.watch_s
         await asyncio.sleep(every or 1.0)
         if not every:
             continue
-        now = await asyncio.get_running_loop().run_in_executor(None, fingerprint, running.config)
-        if now != running.watched or running.waiting_for_pair:
-            running.watched = now  # a failed reload is not retried until the files change again
-            if not running.waiting_for_pair:
-                event("reload_triggered", by="file change")
-            running.waiting_for_pair = reload(running, wait_for_pair=not running.waiting_for_pair) is None
+        try:
+            now = await asyncio.get_running_loop().run_in_executor(None, fingerprint, running.config)
+            if now != running.watched or running.waiting_for_files:
+                running.watched = now  # a failed reload is not retried until the files change again
+                if not running.waiting_for_files:
+                    event("reload_triggered", by="file change")
+                running.waiting_for_files = reload(running, wait_for_files=not running.waiting_for_files) is None
+        except Exception as exc:  # noqa: BLE001 - the watch must outlive any one bad reload
+            running.waiting_for_files = False
+            event("reload", result="error", error=f"{type(exc).__name__}: {exc}",
+                  detail="the running configuration is kept; the watch goes on")
 
 
 async def stop(running: Running, quiet: bool = False) -> None:

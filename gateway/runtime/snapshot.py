@@ -14,8 +14,10 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from cryptography.exceptions import UnsupportedAlgorithm
+
 from gateway.core.credentials import Trust
-from gateway.core.errors import KeyMismatch, SettingsError, StartError
+from gateway.core.errors import SettingsError, StartError
 from gateway.core.policy import PolicySet
 from gateway.shell.audit_writer import AuditWriter
 from gateway.shell.limits import Storage
@@ -40,21 +42,21 @@ class Snapshot:
 
 
 def build_snapshot(config: Config) -> Snapshot:
-    """Read and check the TLS files and the policies of `config`; StartError with one line if unusable."""
+    """Read and check the TLS files and the policies of `config`; SettingsError (file, key, problem) if unusable.
+
+    The key says what is wrong (`tls.*` for the TLS files), so that a reload from the file watcher can
+    tell a rotation half done (a key without its certificate, a file still being written) from a policy
+    that is wrong."""
     if not config.policies.is_dir():
-        raise StartError(f"{config.file}: policies: {config.policies} is not a folder of policy files")
+        raise SettingsError(config.file, "policies", f"{config.policies} is not a folder of policy files")
     try:
         crl = check_crl(config)
         ctx = server_context(config)
         trust = load_trust(config, crl)
         policies = load_policies(config.policies)
         times = expiry(config).times
-    except KeyMismatch:
-        raise  # a reload from the file watcher may wait for the rotation's other file
-    except SettingsError as exc:
-        raise StartError(str(exc)) from None
-    except (OSError, ValueError) as exc:
-        raise StartError(str(SettingsError(config.file, "tls", str(exc)))) from None
+    except (OSError, ValueError, UnsupportedAlgorithm) as exc:
+        raise SettingsError(config.file, "tls", str(exc) or type(exc).__name__) from None
     return Snapshot(config, ctx, crl, trust, policies, times)
 
 

@@ -13,6 +13,7 @@ import os
 import stat
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 
 from gateway.core.errors import SettingsError
@@ -53,6 +54,8 @@ def load_private_key(path: Path, password: bytes | None, file: str | os.PathLike
             raise SettingsError(file, key, f"{path} is encrypted: set {password_key} to a file holding "
                                            "its passphrase") from None
         return serialization.load_pem_private_key(data, password=None)  # not encrypted: the file is not needed
+    except UnsupportedAlgorithm:
+        raise SettingsError(file, key, f"{path} holds a kind of key this gateway cannot use") from None
     except ValueError:
         if password is not None and b"ENCRYPTED" in data:
             raise SettingsError(file, key, f"{path} cannot be decrypted with the passphrase in {password_key} "

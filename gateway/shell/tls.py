@@ -20,7 +20,7 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from gateway.core.errors import KeyMismatch, SettingsError
+from gateway.core.errors import SettingsError
 from gateway.shell.keys import load_private_key, password_callback, read_password
 from gateway.shell.settings import Config
 from gateway.core.credentials import CRLView, Trust
@@ -148,14 +148,15 @@ def server_context(config: Config) -> ssl.SSLContext:
 
 
 def _check_pair(config: Config, cert: Path, private) -> None:
-    """KeyMismatch when the key is not the certificate's: a rotation replaces the two files one at a time."""
+    """The key must be the certificate's (a rotation that replaces the two files one at a time is caught
+    here, with a message that says so, before OpenSSL's own check)."""
     try:
         leaf = x509.load_pem_x509_certificate(cert.read_bytes())
     except ValueError:
         raise SettingsError(config.file, "tls.cert", f"{cert} is not a PEM certificate") from None
     spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     if leaf.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
-        raise KeyMismatch(config.file, "tls.cert/tls.key",
+        raise SettingsError(config.file, "tls.cert/tls.key",
                           f"{cert} and {config.tls.key} do not belong together (the key is not the certificate's)")
 
 
