@@ -59,7 +59,7 @@ def policy_schema() -> dict:
                          "properties": {op: _rate(f"the limit of {op}") for op in _OPERATIONS}}
     any_period = [{"required": [p]} for p in PERIODS]
     properties = {
-        "client": {"type": "string", "pattern": f"^{CLIENT_RE.pattern}$",
+        "client": {"type": "string", "pattern": f"^{CLIENT_RE.pattern}$(?!\n)",   # as fullmatch
                    "description": "the client's name: in the audit log, the metrics and the identity token"},
         "match": {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": match,
                   "description": "the client's certificates: every key given must match"},

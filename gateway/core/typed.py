@@ -12,6 +12,7 @@ security setting never falls back to a default unnoticed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -125,9 +126,9 @@ def _number(value: Any, tp: type, meta: dict, where: str, file: str | Path) -> i
         if value is None or value < 0:
             raise SettingsError(file, where, "must be a non-negative integer")
     elif low == 0:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
             raise SettingsError(file, where, "must be a number, 0 or more")
-    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    elif isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
         raise SettingsError(file, where, "must be a positive number")
     if low is not None and value < low:
         raise SettingsError(file, where, f"must be at least {low}")
@@ -195,7 +196,9 @@ def _scalar(tp: Any, meta: dict) -> dict:
         if meta.get("choices"):
             out["enum"] = list(meta["choices"])
         if meta.get("pattern"):
-            out["pattern"] = "^(?:" + meta["pattern"] + ")$"   # the loader's fullmatch
+            # the loader's fullmatch: `$(?!\n)` ends the string in ECMA-262 and in Python's re alike
+            # (Python's `$` alone also matches before a final line break)
+            out["pattern"] = "^(?:" + meta["pattern"] + ")$(?!\n)"
     elif typing.get_origin(tp) is tuple:
         return {"type": "array", "items": {"type": "string"}}
     else:  # pragma: no cover

@@ -23,7 +23,8 @@ from gateway.core.policy import PolicySet, Policy, parse_policy
 from gateway.core.typed import build, json_schema, setting
 
 DEFAULT_CONFIG = "config.yaml"
-HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[^\s:\[\]]+):[0-9]{1,5}"
+PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)"
+HOST_PORT = r"(\[[0-9A-Fa-f:.]+\]|[^\s\[\]]+):" + PORT   # an IPv6 address with or without brackets
 
 
 @dataclass(frozen=True)
@@ -183,9 +184,7 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise SettingsError(file, "", "must be a mapping of sections")
     base = file.resolve().parent
     config = build(Config, data, file, base)
-    config = dataclasses.replace(config, file=file.resolve())
-    parse_host_port(config.reference_api.listen, file, "reference_api.listen")   # its port's range
-    return config
+    return dataclasses.replace(config, file=file.resolve())
 
 
 def parse_host_port(text: str, file: str | os.PathLike = "", key: str = "") -> tuple[str, int]:
