@@ -54,3 +54,20 @@ def test_errors_are_one_line_naming_what_is_wrong(tmp_path, args, where):
     assert proc.returncode in (1, 2), proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and where in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_warnings_of_dependencies_are_quiet_and_the_gateways_own_are_not(monkeypatch):
+    import sys
+    import warnings
+
+    from gateway.tools.cli import quiet_dependency_warnings
+
+    monkeypatch.setattr(sys, "warnoptions", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.resetwarnings()
+        warnings.simplefilter("always")
+        quiet_dependency_warnings()
+        for module in ("pyhanko.sign.signers.pdf_cms", "cryptography.utils", "asyncio.events", "gateway.shell.tls",
+                       "gateway"):
+            warnings.warn_explicit("a warning", UserWarning, "x.py", 1, module=module)
+    assert [str(w.message) for w in caught] == ["a warning", "a warning"]   # gateway's two only

@@ -187,7 +187,7 @@ def quiet_dependency_warnings() -> None:
     developers: on a user's terminal they turn a one-line error into three. `python -W ...` or
     PYTHONWARNINGS still shows them."""
     if not sys.warnoptions:
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", module=r"(?!gateway(\.|$))")   # every module but the gateway's own
 
 
 def main(argv: list[str] | None = None) -> int:
