@@ -9,12 +9,12 @@ FROM python:3.11.7-slim-bookworm
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway
 WORKDIR /opt/gateway
-# The tested set of dependencies, hash-checked, from the lock file; then the gateway itself without
-# letting pip pick other versions.
-COPY pyproject.toml README.md requirements.lock ./
+# The tested set of dependencies and the build backend, hash-checked, from the lock files; then the
+# gateway itself, built with that backend, without letting pip fetch anything else.
+COPY pyproject.toml README.md requirements.lock requirements-build.lock ./
 COPY gateway ./gateway
-RUN pip install --no-cache-dir --require-hashes -r requirements.lock \
-  && pip install --no-cache-dir --no-deps . && rm -rf /root/.cache
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock -r requirements-build.lock \
+  && pip install --no-cache-dir --no-deps --no-build-isolation . && rm -rf /root/.cache
 
 WORKDIR /etc/gateway
 COPY deploy/container-config.yaml ./config.yaml

@@ -25,11 +25,14 @@ TEST = [Requirement(r) for r in PROJECT["optional-dependencies"]["test"]]
 PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)")
 
 
-def lock() -> dict[str, tuple[Version, list[str]]]:
-    """requirements.lock: name -> (version, its sha256 hashes)."""
+BUILD = [Requirement(r) for r in tomllib.loads((ROOT / "pyproject.toml").read_text())["build-system"]["requires"]]
+
+
+def lock(name: str = "requirements.lock") -> dict[str, tuple[Version, list[str]]]:
+    """A lock file: name -> (version, its sha256 hashes)."""
     pins: dict[str, tuple[Version, list[str]]] = {}
     current = None
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / name).read_text().splitlines():
         match = PIN.match(line)
         if match:
             current = canonicalize_name(match.group(1))
@@ -69,9 +72,16 @@ def test_the_lock_pins_every_runtime_dependency_within_its_bounds_with_hashes(re
     assert hashes, f"{name} has no hash in requirements.lock"
 
 
-def test_every_pin_of_the_lock_carries_hashes():
-    unhashed = [name for name, (_, hashes) in lock().items() if not hashes]
-    assert not unhashed, unhashed
+@pytest.mark.parametrize("name", ["requirements.lock", "requirements-build.lock"])
+def test_every_pin_of_the_locks_carries_hashes(name):
+    unhashed = [pin for pin, (_, hashes) in lock(name).items() if not hashes]
+    assert lock(name) and not unhashed, unhashed
+
+
+@pytest.mark.parametrize("req", BUILD, ids=lambda r: r.name)
+def test_the_build_lock_pins_the_build_backend_within_its_bounds(req):
+    version, _ = lock("requirements-build.lock")[canonicalize_name(req.name)]
+    assert req.specifier.contains(version, prereleases=True), f"{req.name}=={version} is outside {req}"
 
 
 @pytest.mark.parametrize("req", RUNTIME + TEST, ids=lambda r: r.name)
@@ -86,9 +96,12 @@ def test_the_oldest_set_pins_nothing_else():
     assert set(oldest()) == names
 
 
-def test_the_image_installs_the_lock_with_hashes_and_nothing_unlocked():
+def test_the_image_installs_the_locks_with_hashes_and_nothing_unlocked():
     runs = [args for keyword, args in dockerfile_instructions() if keyword == "RUN" and "pip install" in args]
     installs = [cmd.strip() for args in runs for cmd in args.split("&&") if "pip install" in cmd]
-    assert any("--require-hashes" in cmd and "-r requirements.lock" in cmd for cmd in installs), installs
+    assert any("--require-hashes" in cmd and "-r requirements.lock" in cmd and "-r requirements-build.lock" in cmd
+               for cmd in installs), installs
     for cmd in installs:
-        assert "-r requirements.lock" in cmd or "--no-deps" in cmd, f"installs unlocked versions: {cmd}"
+        locked = "--require-hashes" in cmd
+        own = "--no-deps" in cmd and "--no-build-isolation" in cmd   # the gateway, with the locked backend
+        assert locked or own, f"installs unlocked versions: {cmd}"

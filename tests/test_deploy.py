@@ -419,5 +419,5 @@ def test_the_image_carries_no_example_policies_keys_or_data():
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     assert "*" in ignore, "the build context is not deny-all"
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    assert allowed == {"pyproject.toml", "README.md", "requirements.lock", "gateway", "deploy/container-config.yaml",
-                       "directory.yaml"}
+    assert allowed == {"pyproject.toml", "README.md", "requirements.lock", "requirements-build.lock", "gateway",
+                       "deploy/container-config.yaml", "directory.yaml"}
