@@ -35,8 +35,6 @@ from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event, use_for_logg
 from gateway.shell.settings import Config, load_config
 from gateway.shell.tls import CRLFacts, check_crl, crl_is_stale, example_keys_exposed
 
-
-
 READINESS_INTERVAL_S = 5.0
 
 

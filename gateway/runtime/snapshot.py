@@ -17,7 +17,7 @@ from typing import Callable
 from cryptography.exceptions import UnsupportedAlgorithm
 
 from gateway.core.credentials import Trust
-from gateway.core.errors import SettingsError, StartError
+from gateway.core.errors import SettingsError
 from gateway.core.policy import PolicySet
 from gateway.shell.audit_writer import AuditWriter
 from gateway.shell.limits import Storage

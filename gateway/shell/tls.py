@@ -25,7 +25,7 @@ from gateway.shell.keys import load_private_key, password_callback, read_passwor
 from gateway.shell.settings import Config
 from gateway.core.credentials import CRLView, Trust
 
-
+SPKI = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo   # a public key, as bytes
 
 
 @dataclass(frozen=True)
@@ -154,10 +154,9 @@ def _check_pair(config: Config, cert: Path, private) -> None:
         leaf = x509.load_pem_x509_certificate(cert.read_bytes())
     except ValueError:
         raise SettingsError(config.file, "tls.cert", f"{cert} is not a PEM certificate") from None
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if leaf.public_key().public_bytes(*spki) != private.public_key().public_bytes(*spki):
+    if leaf.public_key().public_bytes(*SPKI) != private.public_key().public_bytes(*SPKI):
         raise SettingsError(config.file, "tls.cert/tls.key",
-                          f"{cert} and {config.tls.key} do not belong together (the key is not the certificate's)")
+                            f"{cert} and {config.tls.key} do not belong together (the key is not the certificate's)")
 
 
 def load_trust(config: Config, crl: CRLFacts | None) -> Trust:
@@ -206,8 +205,7 @@ def _key_ids(path: Path | None) -> set[str]:
         certs = x509.load_pem_x509_certificates(Path(path).read_bytes()) if path else []
     except (OSError, ValueError):
         return set()  # what is wrong with the file is said elsewhere
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    return {hashlib.sha256(c.public_key().public_bytes(*spki)).hexdigest() for c in certs}
+    return {hashlib.sha256(c.public_key().public_bytes(*SPKI)).hexdigest() for c in certs}
 
 
 def example_keys_exposed(config: Config) -> list[str]:
