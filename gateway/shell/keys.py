@@ -51,8 +51,7 @@ def load_private_key(path: Path, password: bytes | None, file: str | os.PathLike
         return serialization.load_pem_private_key(data, password=password)
     except TypeError:
         if password is None:
-            raise SettingsError(file, key, f"{path} is encrypted: set {password_key} to a file holding "
-                                           "its passphrase") from None
+            raise _encrypted(path, file, key, password_key) from None
         return serialization.load_pem_private_key(data, password=None)  # not encrypted: the file is not needed
     except UnsupportedAlgorithm:
         raise SettingsError(file, key, f"{path} holds a kind of key this gateway cannot use") from None
@@ -67,6 +66,10 @@ def password_callback(password: bytes | None, path: Path, file: str | os.PathLik
     """For ssl's load_cert_chain: the passphrase, or a one-line error instead of OpenSSL's prompt."""
     def give() -> bytes:
         if password is None:
-            raise SettingsError(file, key, f"{path} is encrypted: set {password_key} to a file holding its passphrase")
+            raise _encrypted(path, file, key, password_key)
         return password
     return give
+
+
+def _encrypted(path: Path, file: str | os.PathLike, key: str, password_key: str) -> SettingsError:
+    return SettingsError(file, key, f"{path} is encrypted: set {password_key} to a file holding its passphrase")
