@@ -210,6 +210,43 @@ async def test_intermediates_the_client_presents_are_checked_on_every_request(do
     assert recorder.forwarded() == [f"GET {STATE}"] * 2
 
 
+async def test_an_issuing_ca_removed_on_reload_no_longer_serves_open_connections(door, recorder, tmp_path):
+    """tls.client_ca holds the root and the issuing CA; the client sends only its own certificate.
+
+    A reload takes the issuing CA out (its root stays): new handshakes fail, and so does the
+    next request on a connection opened before, since the chain is rebuilt from what the
+    client sent, not from the CAs OpenSSL took out of the old trust store.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    root = pki.load_ca(door.pki.dir)
+    issuing = pki.make_ca("issuing CA", not_before=NOW - DAY, not_after=NOW + 30 * DAY, issuer=root, path_length=0)
+    leaf, key = pki.make_client_cert(*issuing, "crm", not_before=NOW - DAY, not_after=NOW + 10 * DAY)
+    pki.write_pem(tmp_path / "crm.crt", leaf)
+    pki.write_pem(tmp_path / "crm.key", key)
+    pem = serialization.Encoding.PEM
+    bundle = tmp_path / "client-ca.pem"
+    bundle.write_bytes(root[0].public_bytes(pem) + issuing[0].public_bytes(pem))
+    config = json.loads(door.config_path.read_text())
+    config["tls"].update(client_ca=str(bundle), crl=None)
+    door.config_path.write_text(json.dumps(config))
+    from gateway.shell.settings import load_config
+
+    door.running.config = load_config(door.config_path)
+    assert server.reload(door.running)
+    conn = await door.run(lambda: door.connect((tmp_path / "crm.crt", tmp_path / "crm.key")))
+    assert (await door.run(conn.request, get(STATE))).status == 200
+    bundle.write_bytes(root[0].public_bytes(pem))
+    assert server.reload(door.running)
+    body = assert_problem(await door.run(conn.request, get(STATE)), 403)
+    assert "no longer chains" in body["detail"]
+    assert await door.run(conn.closed_by_server)
+    fresh = await door.run(lambda: door.connect((tmp_path / "crm.crt", tmp_path / "crm.key")))
+    assert (await door.run(fresh.request, get(STATE))) is None
+    assert recorder.forwarded() == [f"GET {STATE}"]
+    assert await metric(door.admin, "gateway_denied_total", client="crm", reason="unknown_ca") == 1
+
+
 def post_head(path: str, expect: list[str], length: int, content_type: str = "multipart/form-data; boundary=b") -> bytes:
     lines = [f"POST {path} HTTP/1.1", "Host: localhost", f"Content-Type: {content_type}",
              f"Content-Length: {length}", *(f"Expect: {e}" for e in expect)]

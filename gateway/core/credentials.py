@@ -79,8 +79,8 @@ class Trust:
         """The standing of `leaf`'s chain under this trust, checked against the CRLs.
 
         The chain is built as OpenSSL builds it: issuers from tls.client_ca first, then the
-        intermediates the client presented (`presented`, from the handshake's verified
-        chain), ending at a self-signed CA that tls.client_ca holds now. A resumed TLS
+        intermediates the client presented (`presented`: what it sent, never the CAs
+        OpenSSL added from an older trust store), ending at a self-signed CA that tls.client_ca holds now. A resumed TLS
         session shows no chain; if the leaf's issuer is not in the bundle, the chain is
         known only in part: it stands under the trust that verified it (a resumed session
         can only come from a handshake under the same context), not after a reload.

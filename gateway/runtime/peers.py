@@ -19,7 +19,7 @@ from gateway.core.exchange import Exchange
 from gateway.core.identity import identity_from_der
 from gateway.core.policy import Policy
 from gateway.runtime.snapshot import Gateway
-from gateway.shell.compat import verified_chain
+from gateway.shell.compat import presented_chain
 
 
 class Peer:
@@ -57,7 +57,7 @@ def peer_of(transport) -> Peer | None:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             return None
-        peer = _peers[transport] = Peer(der, verified_chain(ssl_object), transport.get_extra_info("sslcontext"))
+        peer = _peers[transport] = Peer(der, presented_chain(ssl_object), transport.get_extra_info("sslcontext"))
     return peer
 
 

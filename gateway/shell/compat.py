@@ -31,17 +31,19 @@ def hide_server_version() -> None:
 hide_server_version()
 
 
-def verified_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
-    """The client's chain as OpenSSL verified it in the handshake (DER, leaf first); [] when none.
+def presented_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
+    """The certificates the client sent in the handshake (DER, leaf first); [] when none.
 
-    Public as SSLObject.get_verified_chain() from Python 3.13; before that, the same
-    method exists on the private `_ssl._SSLSocket` behind `SSLObject._sslobj`. A resumed
-    session has no verified chain (OpenSSL did not verify anything).
+    Not the verified chain: that one holds the CAs OpenSSL took from its own trust store,
+    and a per-request check that fed them back in would keep trusting a CA after a reload
+    removed it. Public as SSLObject.get_unverified_chain() from Python 3.13; before that,
+    the same method exists on the private `_ssl._SSLSocket` behind `SSLObject._sslobj`.
+    A resumed session may show no chain (OpenSSL did not receive one).
     """
-    getter = getattr(ssl_object, "get_verified_chain", None)
+    getter = getattr(ssl_object, "get_unverified_chain", None)
     if getter is not None:
-        return list(getter() or [])
-    chain = ssl_object._sslobj.get_verified_chain()
+        return [bytes(c) for c in getter() or ()]
+    chain = ssl_object._sslobj.get_unverified_chain()
     return [cert.public_bytes(ssl._ssl.ENCODING_DER) for cert in chain or ()]
 
 
