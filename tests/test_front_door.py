@@ -552,6 +552,34 @@ async def test_the_order_look_up_carries_no_client_conditionals(door, recorder):
         assert not [k for k, _ in seen.headers if k.lower().startswith("if-")], seen.headers
 
 
+async def test_another_clients_order_takes_as_long_as_no_order_at_all(door, recorder):
+    """The look-up cache is per client: what crm has just read is no faster for hr-system to ask about.
+
+    Each upstream answer takes 0.2 s, so a look-up answered from another client's cache
+    would show as a 404 well under that.
+    """
+    recorder.latency_s = 0.2
+
+    def timed(conn: RawClient, path: str, status: int) -> float:
+        started = time.perf_counter()
+        assert conn.request(get(path)).status == status
+        return time.perf_counter() - started
+
+    def send():
+        with door.connect("crm") as crm, door.connect("hr-system") as hr:
+            timed(crm, STATE, 200)                       # crm's look-up of its own order, then the call
+            other = timed(hr, STATE, 404)                # hr-system: crm's order
+            absent = timed(hr, f"/orders/{ABSENT}/state", 404)
+            again = timed(hr, STATE, 404)                # hr-system's own answer is reused
+            return other, absent, again
+
+    other, absent, again = await door.run(send)
+    assert other >= 0.2 and absent >= 0.2, (other, absent)
+    assert again < 0.2, again
+    lookups = [r for r in recorder.seen if r.path == f"/orders/{ORDER_CRM}"]
+    assert len(lookups) == 2  # crm's, then hr-system's own
+
+
 async def test_a_client_that_leaves_mid_body_is_audited_not_an_error(door, recorder):
     def send():
         with door.connect("hr-system") as conn:

@@ -280,7 +280,7 @@ class Pipeline:
             if isinstance(need, NeedOrderSolicitor):
                 if has_body(request.headers):
                     raise Refusal(400, Reason.BAD_REQUEST, f"{rt.operation.value} takes no request body")
-                answer = await gw.orders.solicitor(need.order_id, self._lookup_headers(gw, request, ex))
+                answer = await gw.orders.solicitor(need.order_id, policy.client, self._lookup_headers(gw, request, ex))
             else:
                 answer = await self._fields(gw, request, ex, policy, rt, waits, need, spool)
             try:

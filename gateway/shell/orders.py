@@ -3,8 +3,13 @@
 The gateway asks the upstream `GET /orders/{id}` with its own headers only (a
 client's conditional header would turn an existing order into a 304 where an
 absent one is a 404) and caches the answer briefly, found and absent orders
-alike, so that "not yours" and "no such order" take the same time. The cache
-is bounded, so a flood of ids keeps memory flat.
+alike, so that "not yours" and "no such order" take the same time.
+
+The cache is per client: an answer is reused only for the client that asked
+before. Shared, it would answer beta at once about an order alpha has just
+read and after an upstream round trip about one that does not exist, and the
+difference would tell beta which ids are real. The cache is bounded, so a
+flood of ids keeps memory flat.
 """
 
 from __future__ import annotations
@@ -22,11 +27,16 @@ _UNKNOWN = object()
 class Orders:
     def __init__(self, upstream: Upstream, ttl_s: float = 5.0, max_items: int = 10000):
         self.upstream = upstream
-        self.solicitors: TTLCache = TTLCache(maxsize=max_items, ttl=ttl_s)  # order id -> solicitor, or None
+        # order id -> {client: solicitor, or None}: one entry an order, so forget() is one pop
+        self.solicitors: TTLCache = TTLCache(maxsize=max_items, ttl=ttl_s)
 
-    async def solicitor(self, order_id: str, headers: dict[str, str]) -> dict | None:
-        """The solicitor {source, identifier} of an order as the upstream stores it; None if no such order."""
-        cached = self.solicitors.get(order_id, _UNKNOWN)
+    async def solicitor(self, order_id: str, client: str, headers: dict[str, str]) -> dict | None:
+        """The solicitor {source, identifier} of an order as the upstream stores it; None if no such order.
+
+        Answered from the cache only when this same client asked before (see the module's docstring).
+        """
+        seen = self.solicitors.get(order_id)
+        cached = seen.get(client, _UNKNOWN) if seen is not None else _UNKNOWN
         if cached is not _UNKNOWN:
             return cached
         resp = await self.upstream.send("GET", f"/orders/{order_id}", {**headers, "accept": "application/json"})
@@ -34,7 +44,7 @@ class Orders:
             try:
                 if resp.status == 404:
                     await resp.read()
-                    self.solicitors[order_id] = None
+                    self._remember(order_id, client, None)
                     return None
                 if resp.status != 200:
                     raise unavailable(f"the upstream answered {resp.status} to an order look-up")
@@ -47,8 +57,15 @@ class Orders:
         if not isinstance(solicitor, dict):
             raise unavailable("the upstream's order has no solicitor")
         found = {"source": solicitor.get("source"), "identifier": solicitor.get("identifier")}
-        self.solicitors[order_id] = found
+        self._remember(order_id, client, found)
         return found
+
+    def _remember(self, order_id: str, client: str, solicitor: dict | None) -> None:
+        seen = self.solicitors.get(order_id)
+        if seen is None:
+            self.solicitors[order_id] = {client: solicitor}
+        else:
+            seen[client] = solicitor
 
     def forget(self, order_id: str) -> None:
         """An order was created or deleted: its cached look-up (found or absent) no longer holds."""
