@@ -27,13 +27,13 @@ def read_log(path) -> list[dict]:
 
 
 async def test_every_request_leaves_one_chained_line(tmp_path, test_pki, recorder_url):
-    policies = {**POLICIES, "crm": {**POLICIES["crm"], "rate_limit": {"per_minute": 2, "burst": 2}}}
+    policies = {**POLICIES, "crm": {**POLICIES["crm"], "rate_limit": {"per_minute": 3, "burst": 3}}}
     config = write_config(tmp_path, test_pki, recorder_url, policies=policies)
     calls = [
         ("crm", "GET", f"/orders/{ORDER_CRM}/state", 200),
         ("crm", "GET", f"/orders/{ORDER_HR}/state", 404),       # another solicitor's order
-        ("crm", "DELETE", f"/orders/{ORDER_CRM}", 403),         # not allowed (no rate limit spent)
-        ("crm", "GET", f"/orders/{ORDER_CRM}/state", 429),      # burst 2 used up
+        ("crm", "DELETE", f"/orders/{ORDER_CRM}", 403),         # not allowed (refusals count too)
+        ("crm", "GET", f"/orders/{ORDER_CRM}/state", 429),      # burst 3 used up
         ("stranger", "GET", f"/orders/{ORDER_CRM}/state", 403),
         ("hr-system", "GET", "/no/such/path", 404),
     ]
@@ -59,6 +59,46 @@ async def test_every_request_leaves_one_chained_line(tmp_path, test_pki, recorde
     assert records[4]["client"] == "unknown" and records[4]["cert"]["subject"] == "CN=stranger,O=gateway example"
     with open(log, "rb") as f:
         assert verify(f, None).ok
+
+
+async def test_refused_requests_count_against_the_client_limit(tmp_path, test_pki, recorder_url, recorder):
+    """403s and 404s are not free: past the client's burst they are 429, however they would have ended."""
+    policies = {"crm": {**POLICIES["crm"], "rate_limit": {
+        "per_minute": 3, "burst": 3, "operations": {"order_state": {"per_minute": 1, "burst": 1}}}}}
+    config = write_config(tmp_path, test_pki, recorder_url, policies=policies)
+    refused = [("DELETE", f"/orders/{ORDER_CRM}"), ("GET", f"/orders/{ORDER_HR}/state"), ("GET", "/nowhere")] * 4
+    async with gateway_running(config) as (url, _):
+        statuses, retry = [], []
+        async with session(test_pki, test_pki.client("crm")) as s:
+            for method, path in refused:
+                async with s.request(method, url + path) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+                    retry.append(resp.headers.get("Retry-After"))
+    assert statuses[:3] == [403, 404, 404] and statuses[3:] == [429] * 9
+    assert all(r is not None and int(r) >= 1 for r in retry[3:])
+    # the one order_state call was a look-up refused as 404: the operation's own limit counts admitted
+    # operations, the client's limit every request
+    assert [r.path for r in recorder.seen] == [f"/orders/{ORDER_HR}"]
+    records = read_log(tmp_path / "data" / "audit.jsonl")
+    assert [r["status"] for r in records] == statuses
+
+
+async def test_certificates_of_no_policy_share_one_bound(tmp_path, test_pki, recorder_url):
+    from gateway.core.ratelimit import UNMAPPED
+
+    config = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]})
+    async with gateway_running(config) as (url, _):
+        statuses = []
+        async with session(test_pki, test_pki.client("stranger")) as s:
+            for _ in range(UNMAPPED.burst + 5):
+                async with s.get(f"{url}/orders/{ORDER_CRM}/state") as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+        # the known clients keep their own limits
+        assert (await status_of(test_pki, "crm", "GET", f"{url}/orders/{ORDER_CRM}/state"))[0] == 200
+    assert statuses[:UNMAPPED.burst] == [403] * UNMAPPED.burst
+    assert set(statuses[UNMAPPED.burst:]) == {429}
 
 
 async def test_chain_continues_across_restarts_with_a_key(tmp_path, test_pki, recorder_url):

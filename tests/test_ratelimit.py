@@ -12,8 +12,8 @@ import pytest
 
 from conftest import Clock
 from gateway.core.operations import Operation
-from gateway.core.policy import Rate, parse_policy
-from gateway.core.ratelimit import Verdict, combine, gcra, limits_for
+from gateway.core.policy import CLIENT_RE, Rate, parse_policy
+from gateway.core.ratelimit import UNMAPPED, UNMAPPED_KEY, Verdict, combine, gcra, limits_for, refused_limits
 from gateway.shell.limits import MemoryStorage
 
 TWO_A_SECOND_BURST_4 = Rate(rate=2.0, burst=4)      # interval 0.5 s, bucket 2 s
@@ -280,3 +280,14 @@ def test_limits_for_client_and_operation():
 def test_limits_for_none():
     assert limits_for(policy(), Operation.ORDER_STATE) == []
     assert limits_for(policy({}), Operation.ORDER_STATE) == []
+
+
+def test_refused_requests_count_against_the_client_limit_only():
+    p = policy({"per_second": 10, "burst": 20, "operations": {"order_state": {"per_second": 2}}})
+    assert refused_limits(p) == [("crm", Rate(10.0, 20))]
+    assert refused_limits(policy({"operations": {"order_state": {"per_second": 2}}})) == []
+
+
+def test_certificates_of_no_policy_share_one_cell_no_client_can_own():
+    assert refused_limits(None) == [(UNMAPPED_KEY, UNMAPPED)]
+    assert not CLIENT_RE.fullmatch(UNMAPPED_KEY)

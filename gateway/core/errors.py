@@ -54,6 +54,10 @@ class Reason(StrEnum):
     CANCELLED = "cancelled"
 
 
+# A certificate that no longer holds: the connection is closed, and the request is nobody's.
+CREDENTIAL_REASONS = frozenset({Reason.NO_CERTIFICATE, Reason.EXPIRED, Reason.NOT_YET_VALID, Reason.REVOKED,
+                                Reason.CRL_EXPIRED, Reason.CRL_MISSING, Reason.UNKNOWN_CA})
+
 # The denials report mode lets through (403/404 by policy): the labels of gateway_would_deny_total.
 POLICY_REASONS = (Reason.OPERATION_NOT_ALLOWED, Reason.SOLICITOR_NOT_ALLOWED, Reason.ORDER_NOT_VISIBLE,
                   Reason.ANONYMIZE_NOT_ALLOWED)
@@ -63,13 +67,15 @@ class Refusal(Exception):
     """Answer with a problem: `status`, the fixed `code`, the `detail` the client reads.
 
     `headers` go on the answer (Retry-After, RateLimit-*); `close` ends the connection
-    after it (a credential that no longer holds, a body that was not read).
+    after it (a credential that no longer holds, a body that was not read). `cause` is for
+    the operational log only (why the upstream failed, say), never for the client.
     """
 
     def __init__(self, status: int, code: Reason, detail: str, *, headers: dict[str, str] | None = None,
-                 close: bool = False):
+                 close: bool = False, cause: str | None = None):
         super().__init__(detail)
         self.status, self.code, self.detail, self.headers, self.close = status, code, detail, headers, close
+        self.cause = cause
 
 
 class SettingsError(Exception):

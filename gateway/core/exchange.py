@@ -38,6 +38,7 @@ class Exchange:
     complete: bool | None = None       # the last byte left; None while a stream is under way
     close: bool = False                # close the connection after this answer
     waiting: bool = False              # the client may hold its body back for 100 Continue
+    limited: bool = False              # the rate limits have counted this request
 
     def refused(self, status: int, code: Reason, reason: str) -> None:
         self.status, self.code, self.reason = status, code, reason

@@ -73,6 +73,27 @@ def combine(now: float, cells: list[tuple[float, Rate]]) -> tuple[Verdict, list[
     return verdict, tats
 
 
+# Requests whose certificate maps to no policy share this one limit (per storage: per instance with
+# memory, across instances with Redis). Each such request is a 403 and an audit line; without a bound,
+# one certificate from a trusted CA that no policy names could fill the audit disk.
+UNMAPPED = Rate(rate=10.0, burst=20)
+UNMAPPED_KEY = "!unmapped"   # no client name can be this (policy.CLIENT_RE)
+
+
+def refused_limits(policy: Policy | None) -> list[tuple[str, Rate]]:
+    """The cells a request refused before its operation was admitted counts against.
+
+    Every request of an identified client counts against the client's limit, refused ones
+    included; the operation's limit counts admitted operations only. A certificate of no
+    policy counts against UNMAPPED.
+    """
+    if policy is None:
+        return [(UNMAPPED_KEY, UNMAPPED)]
+    if policy.rate_limit.client is None:
+        return []
+    return [(policy.client, policy.rate_limit.client)]
+
+
 def limits_for(policy: Policy, operation: Operation) -> list[tuple[str, Rate]]:
     """The (key, rate) cells that apply to a call: the client's limit and the operation's."""
     cells = []

@@ -23,14 +23,14 @@ from multidict import CIMultiDict
 
 from gateway.core.audit import completed, record_of
 from gateway.core.decide import Need, NeedFields, NeedOrderSolicitor, Verdict, evaluate
-from gateway.core.errors import Reason, Refusal
+from gateway.core.errors import CREDENTIAL_REASONS, Reason, Refusal
 from gateway.core.exchange import Exchange
 from gateway.core.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
 from gateway.core.operations import Operation, Route, route
 from gateway.core.policy import Policy
 from gateway.core.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.core.problem import problem_bytes, slug_of
-from gateway.core.ratelimit import StorageError, limits_for
+from gateway.core.ratelimit import StorageError, limits_for, refused_limits
 from gateway.runtime.deadlines import Deadlines
 from gateway.runtime.peers import admit_peer
 from gateway.runtime.snapshot import Gateway
@@ -113,11 +113,14 @@ class Pipeline:
                 raise
             finally:
                 self.deadlines.end(deadline)
-        except Refusal as exc:
+        except Refusal as refusal:
+            exc = refusal if ex.limited else await self._count_refused(gw, ex, refusal)
             ex.refused(exc.status, exc.code, exc.detail)
             ex.close = ex.close or exc.close
             if exc.code in (Reason.UPSTREAM_UNAVAILABLE, Reason.UPSTREAM_TIMEOUT):
-                self.upstream_errors.add(exc.code, detail=exc.detail)
+                # one detailed line for each distinct cause (a refused TLS handshake, a refused connection)
+                self.upstream_errors.add(exc.code, key=exc.cause, detail=exc.detail,
+                                         **({"cause": exc.cause} if exc.cause else {}))
             response = problem_response(ex, exc.status, exc.detail)
             if exc.headers:
                 response.headers.update(exc.headers)
@@ -299,6 +302,7 @@ class Pipeline:
 
     async def _limit(self, gw: Gateway, ex: Exchange, policy: Policy, rt: Route) -> None:
         """The client's and the operation's rate limits, before any body is read."""
+        ex.limited = True
         if gw.limiter is None:
             return
         cells = limits_for(policy, rt.operation)
@@ -315,6 +319,28 @@ class Pipeline:
         if not verdict.allowed:
             raise Refusal(429, Reason.RATE_LIMITED, f"rate limit of client {policy.client} exceeded",
                           headers=ex.limit_headers)
+
+    async def _count_refused(self, gw: Gateway, ex: Exchange, refusal: Refusal) -> Refusal:
+        """A request refused before its operation was admitted counts against its client's limit all the
+        same (a certificate of no policy against the shared one), so that refusals cannot flood the audit
+        log: past the limit the refusal becomes a 429. A storage that fails leaves the refusal as it was."""
+        ex.limited = True
+        if gw.limiter is None or ex.identity is None or refusal.code in CREDENTIAL_REASONS:
+            return refusal
+        policy = gw.policies.find(ex.identity)[0]
+        cells = refused_limits(policy)
+        if not cells:
+            return refusal
+        try:
+            verdict = await gw.limiter.check(cells)
+        except StorageError:
+            return refusal
+        ex.limit_headers = verdict.headers()
+        if verdict.allowed:
+            return refusal
+        who = f"client {policy.client}" if policy is not None else "certificates that map to no client policy"
+        return Refusal(429, Reason.RATE_LIMITED, f"rate limit of {who} exceeded", headers=ex.limit_headers,
+                       close=refusal.close)
 
     async def _fields(self, gw: Gateway, request: web.BaseRequest, ex: Exchange, policy: Policy, rt: Route,
                       waits: bool, need: NeedFields, spool: list[Spool]) -> dict[str, list[Any]]:
