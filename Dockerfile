@@ -1,10 +1,14 @@
 # The gateway as a container: `gateway serve` as a non-root user.
 #   docker build -t gateway .
+#   head -c 32 /dev/urandom > audit.key && chmod 400 audit.key
 #   docker run -p 8443:8443 -v $PWD/certs.example:/etc/gateway/certs:ro \
-#     -v $PWD/policies:/etc/gateway/policies:ro gateway
+#     -v $PWD/policies:/etc/gateway/policies:ro \
+#     --mount type=bind,src=$PWD/audit.key,dst=/run/secrets/audit.key,readonly gateway
 # Mount your certificates over /etc/gateway/certs and your policies over /etc/gateway/policies
-# (none are baked in: without policies every request is refused), and a volume on
-# /var/lib/gateway for the audit log and data.
+# (none are baked in: without policies every request is refused), a volume on
+# /var/lib/gateway for the audit log and data, and the audit log's HMAC key at
+# /run/secrets/audit.key (a Docker or Kubernetes Secret; kept off the log's volume, so that
+# whoever can write the log cannot recompute its chain).
 FROM python:3.11.7-slim-bookworm
 
 RUN useradd --system --uid 10001 --home-dir /var/lib/gateway --create-home gateway

@@ -117,6 +117,17 @@ def test_redaction_is_keyed_and_stable():
     assert other["solicitor"]["identifier"] != one["solicitor"]["identifier"]
 
 
+def test_a_redacted_value_is_replaced_in_every_other_text_of_the_line():
+    r = Redactor(["solicitor.identifier"], b"r" * 32)
+    record = r.apply({"ts": "2026-01-01T00:00:00.000Z", "solicitor": {"source": "INTERNAL", "identifier": "uid=ab"},
+                      "reason": "solicitor INTERNAL:uid=ab is not one of client beta's solicitors",
+                      "path": "/orders", "extra": [{"note": "uid=ab again"}]})
+    pseudonym = record["solicitor"]["identifier"]
+    assert "uid=ab" not in json.dumps(record)
+    assert record["reason"] == f"solicitor INTERNAL:{pseudonym} is not one of client beta's solicitors"
+    assert record["extra"] == [{"note": f"{pseudonym} again"}]
+
+
 def test_verify_of_a_missing_file_is_one_line(tmp_path):
     proc = run_verify(tmp_path / "nope.jsonl")
     assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1

@@ -262,6 +262,22 @@ def test_audit_key_file_too_short(tmp_path, test_pki):
     assert "16 bytes" in fails_with(path, ": audit.key_file:")
 
 
+@pytest.mark.parametrize("key_file, warned", [
+    (None, "not set: the audit chain then shows accidents, not tampering"),
+    ("data/audit.key", "is in the audit log's own folder"),
+    ("secrets/audit.key", None),
+])
+def test_audit_without_a_key_kept_apart_is_a_warning(tmp_path, test_pki, key_file, warned):
+    for folder in ("data", "secrets"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "audit.key").write_bytes(b"k" * 32)
+    path = config(tmp_path, test_pki, audit={"path": "data/audit.jsonl", "key_file": key_file})
+    rc, out, err = check(path)
+    assert (rc, out.strip()) == (0, "OK"), err
+    found = [line for line in err if ": audit.key_file:" in line]
+    assert found == ([] if warned is None else [line_with(err, "warning:", warned)])
+
+
 def test_rate_limit_storage_unknown(tmp_path, test_pki):
     path = config(tmp_path, test_pki, rate_limit={"storage": "memcached://x"})
     assert "memcached://x" in fails_with(path, ": rate_limit.storage:")

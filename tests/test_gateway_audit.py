@@ -128,6 +128,24 @@ async def test_redacted_fields_are_keyed_hashes(tmp_path, test_pki, recorder_url
     assert one["cert"]["issuer"] == "CN=gateway example CA,O=gateway example"
 
 
+async def test_a_redacted_value_is_nowhere_in_the_line(tmp_path, test_pki, recorder_url, recorder):
+    """A refused create_order names the solicitor in its reason: redacted there too, to the same pseudonym."""
+    config = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]},
+                          audit={"path": "data/audit.jsonl", "redact": ["solicitor.identifier"]})
+    secret = "sAMAccountName=kept.secret"
+    form = aiohttp.FormData()
+    form.add_field("solicitor", json.dumps({"source": "INTERNAL", "identifier": secret}))
+    form.add_field("file", b"%PDF-1.4", filename="a.pdf", content_type="application/pdf")
+    async with gateway_running(config) as (url, _):
+        assert (await status_of(test_pki, "crm", "POST", f"{url}/orders", data=form))[0] == 403
+    text = (tmp_path / "data" / "audit.jsonl").read_text()
+    assert secret not in text and "kept.secret" not in text
+    (line,) = read_log(tmp_path / "data" / "audit.jsonl")
+    pseudonym = line["solicitor"]["identifier"]
+    assert pseudonym.startswith("hmac-sha256:") and pseudonym in line["reason"]
+    assert line["code"] == "solicitor_not_allowed" and recorder.seen == []
+
+
 async def admin_ready(config_path) -> tuple[int, dict]:
     from gateway.shell.settings import load_config
 

@@ -76,6 +76,14 @@ async def test_vendor_examples_through_the_gateway(served, test_pki, tmp_path):
     code, out, _ = await curl(test_pki, "hr-system", ex.fill(ex.STATE, f"{base}/orders/{order_id}/state"))
     assert json.loads(out)["status"] == 404
 
+    # the audit answers "who created order X", and names each refusal by its fixed code
+    records = [r for r in map(json.loads, config.audit.path.read_bytes().splitlines()) if "event" not in r]
+    created = [r for r in records if r["operation"] == "create_order" and r["status"] == 200]
+    assert [(r["client"], r["order_id"], r["code"]) for r in created] == [("hr-system", order_id, None)]
+    assert [r["order_id"] for r in records if r["operation"] == "create_order" and r["status"] != 200] == [None] * 2
+    codes = [(r["client"], r["status"], r["code"]) for r in records if r["decision"] == "deny"]
+    assert ("crm", 404, "order_not_visible") in codes and ("crm", 403, "solicitor_not_allowed") in codes
+
 
 def test_embedded_api_refuses_calls_around_the_gateway(served):
     config, _ = served

@@ -119,7 +119,14 @@ def completed(ex: Any, now: float, duration_s: float) -> dict:
 
 
 class Redactor:
-    """Replaces the listed dotted fields with a keyed hash of their value."""
+    """Replaces the listed dotted fields with a keyed hash of their value, and the value everywhere else.
+
+    A value is often repeated in prose (a refusal's `reason` names the solicitor it
+    refused), so once a field is redacted every other text of the line has that value
+    replaced by the same pseudonym: redacted means nowhere in the line, not one field.
+    """
+
+    KEEP = frozenset({"ts", "request_id", "prev", "hash"})   # the gateway's own, never a client's value
 
     def __init__(self, fields: Iterable[str], key: bytes):
         self.paths = [tuple(f.split(".")) for f in fields]
@@ -130,13 +137,40 @@ class Redactor:
         return REDACTED_PREFIX + hmac.new(self.key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:32]
 
     def apply(self, record: dict) -> dict:
+        hidden: dict[str, str] = {}
         for path in self.paths:
             node = record
             for part in path[:-1]:
                 node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, dict) and node.get(path[-1]) is not None:
-                node[path[-1]] = self.pseudonym(node[path[-1]])
+                value = node[path[-1]]
+                node[path[-1]] = self.pseudonym(value)
+                text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+                if text:
+                    hidden[text] = node[path[-1]]
+        if hidden:
+            # longest first, so a value that contains another is replaced whole
+            order = sorted(hidden, key=len, reverse=True)
+            for key in record:
+                if key not in self.KEEP:
+                    record[key] = _scrub(record[key], order, hidden)
         return record
+
+
+def _scrub(value: Any, order: list[str], hidden: dict[str, str]) -> Any:
+    """`value` with every clear text in `order` replaced by its pseudonym, however deep in it."""
+    if isinstance(value, str):
+        if value.startswith(REDACTED_PREFIX):
+            return value
+        for text in order:
+            if text in value:
+                value = value.replace(text, hidden[text])
+        return value
+    if isinstance(value, dict):
+        return {k: _scrub(v, order, hidden) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, order, hidden) for v in value]
+    return value
 
 
 _second: tuple[int | None, str] = (None, "")   # the last whole second formatted, and its text (one tuple:
@@ -172,6 +206,7 @@ def record_of(ex: Any, now: float, duration_s: float) -> dict:
         "solicitor": dict(ex.solicitor) if ex.solicitor else None,
         "decision": ex.decision,
         "reason": ex.reason,
+        "code": ex.code,             # the fixed reason code of a denial (the metrics' reason label), else None
         "status": ex.status,
         "complete": ex.complete,     # None: streamed, see the "completed" line of this request_id
         "bytes_in": ex.bytes_in,

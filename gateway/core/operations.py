@@ -43,6 +43,19 @@ TABLE: tuple[tuple[str, re.Pattern, Operation, str], ...] = (
 _FORBIDDEN_ENCODED = re.compile(r"%(2[fF]|5[cC]|2[eE]|00|25|3[fF]|23|3[bB])")
 
 
+_CREATED = re.compile(rb"\s*" + _GUID.replace("(?P<id>", "(").encode() + rb"\s*")
+
+
+def created_order_id(body: bytes) -> str | None:
+    """The new order's GUID in an answered create_order (text/plain, as the vendor documents it), else None.
+
+    Only a GUID is taken: the audit line names the order, never whatever else an upstream answered.
+    """
+    if len(body) > 64 or not _CREATED.fullmatch(body):
+        return None
+    return body.strip().decode("ascii").lower()
+
+
 @dataclass(frozen=True)
 class Route:
     operation: Operation

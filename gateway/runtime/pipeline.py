@@ -26,7 +26,7 @@ from gateway.core.decide import Need, NeedFields, NeedOrderSolicitor, Verdict, e
 from gateway.core.errors import CREDENTIAL_REASONS, Reason, Refusal
 from gateway.core.exchange import Exchange
 from gateway.core.headers import REQUEST_ID_HEADER, client_response_headers, has_body, upstream_request_headers
-from gateway.core.operations import Operation, Route, route
+from gateway.core.operations import Operation, Route, created_order_id, route
 from gateway.core.policy import Policy
 from gateway.core.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.core.problem import problem_bytes, slug_of
@@ -422,8 +422,10 @@ class Pipeline:
                     raise Refusal(504, Reason.UPSTREAM_TIMEOUT, "the upstream did not finish its answer in time") from None
                 except aiohttp.ClientError:
                     raise Refusal(502, Reason.UPSTREAM_UNAVAILABLE, "the upstream's answer broke off") from None
-                if created:  # a look-up of this id may have been cached as absent
-                    gw.orders.forget(body.decode("latin-1").strip().lower())
+                if created:
+                    ex.order_id = created_order_id(body)  # the audit line names the new order
+                    if ex.order_id is not None:  # a look-up of this id may have been cached as absent
+                        gw.orders.forget(ex.order_id)
                 return web.Response(status=upstream.status, body=body, headers=headers)
             response = web.StreamResponse(status=upstream.status, headers=headers)
             if length is not None:

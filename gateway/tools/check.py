@@ -78,6 +78,12 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
         load_key(config.audit.key_file)
     except (OSError, ValueError) as exc:
         problems.append(f"{where}: audit.key_file: {exc}")
+    if config.audit.key_file is None:
+        warnings.append(f"{where}: audit.key_file: not set: the audit chain then shows accidents, not tampering "
+                        "(anyone who can write the log can recompute it); keep a key away from the log")
+    elif config.audit.key_file.resolve().parent == config.audit.path.resolve().parent:
+        warnings.append(f"{where}: audit.key_file: {config.audit.key_file} is in the audit log's own folder: "
+                        "whoever can write the log can read the key and recompute the chain")
     if not config.audit.path.parent.exists():
         warnings.append(f"{where}: audit.path: {config.audit.path.parent} does not exist yet; it is created on start")
     try:
