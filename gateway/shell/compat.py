@@ -107,7 +107,9 @@ class GatedSSLProtocol(sslproto.SSLProtocol):
             except Exception as exc:  # what the base class would turn into a failure
                 handshake_exc = exc
         if handshake_exc is not None:
-            self._on_failure(handshake_exc, presented_certificate(self._sslobj))
+            # asyncio passes the class ConnectionResetError, not an instance, when the peer hangs up
+            failure = handshake_exc() if isinstance(handshake_exc, type) else handshake_exc
+            self._on_failure(failure, presented_certificate(self._sslobj))
             # OpenSSL has written the alert that names the cause (unknown_ca, certificate_expired,
             # ...) into the outgoing buffer, which asyncio drops when it closes (cpython #98078):
             # send it first, so that the client can say why instead of "connection reset".
