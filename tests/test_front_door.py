@@ -596,6 +596,26 @@ async def test_a_client_that_leaves_mid_body_is_audited_not_an_error(door, recor
     assert recorder.seen == []
 
 
+async def test_an_upload_cut_half_way_is_audited_with_the_bytes_that_came(door, recorder):
+    sent = b"--b\r\n" + b"x" * 200_000
+
+    def send():
+        with door.connect("hr-system") as conn:
+            conn.send(post_head("/orders", ["100-continue"], 500_000))
+            assert conn.response().status == 100
+            conn.send(sent)
+
+    await door.run(send)
+    for _ in range(250):
+        gone = [json.loads(line) for line in door.audit.read_bytes().splitlines()] if door.audit.exists() else []
+        if gone:
+            break
+        await asyncio.sleep(0.02)
+    assert [(r["status"], r["operation"]) for r in gone] == [(499, "create_order")]
+    assert 0 < gone[0]["bytes_in"] <= len(sent)
+    assert recorder.seen == []
+
+
 async def test_a_malformed_chunk_after_the_head_is_400_at_once(door, recorder):
     def send():
         with door.connect("hr-system") as conn:

@@ -373,7 +373,8 @@ class Pipeline:
         except BodyFramingError as exc:
             raise Refusal(400, Reason.BAD_BODY, f"the request body's framing is malformed: {exc}"[:200],
                           close=True) from None
-        ex.bytes_in = body.size
+        finally:
+            ex.bytes_in = body.size  # what arrived, also when the client hangs up half-way
         if need.names is not None:
             return await form_fields(body, content_types[0], need.names)
         return await anonymize_fields(body, content_types[0], request.content_type)
