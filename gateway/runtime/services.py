@@ -22,6 +22,7 @@ from gateway.shell.orders import Orders
 from gateway.shell.settings import Config
 from gateway.shell.token import TokenIssuer, configured_key
 from gateway.shell.upstream import Upstream
+from gateway.shell.upstream_tls import upstream_context
 
 
 def token_issuer(config: Config) -> TokenIssuer | None:
@@ -72,8 +73,9 @@ async def open_services(stack: contextlib.AsyncExitStack, snap: Snapshot, metric
             stack.callback(embedded.stop)
             await asyncio.get_running_loop().run_in_executor(None, embedded.start)
             reference = embedded
-    upstream = Upstream(upstream_url, config.upstream.timeout_s, keepalive_s=config.upstream.keepalive_s,
-                        max_connections=config.upstream.max_connections)
+    upstream = Upstream(upstream_url, config.upstream.timeout_s, ssl_context=upstream_context(config),
+                        keepalive_s=config.upstream.keepalive_s, max_connections=config.upstream.max_connections,
+                        server_name=config.upstream.server_name)
     stack.push_async_callback(upstream.close)
     audit = audit_writer(config, metrics, worker)
     await audit.start()

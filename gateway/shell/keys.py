@@ -41,8 +41,10 @@ def readable_by_others(path: Path | None) -> bool:
         return False
 
 
-def load_private_key(path: Path, password: bytes | None, file: str | os.PathLike, key: str, password_key: str):
-    """The private key at `path`, decrypted with `password` when it is encrypted."""
+def load_private_key(path: Path, password: bytes | None, file: str | os.PathLike, key: str,
+                     password_key: str | None):
+    """The private key at `path`, decrypted with `password` when it is encrypted (`password_key`: the
+    config key of its passphrase file, None when it has none)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -62,7 +64,8 @@ def load_private_key(path: Path, password: bytes | None, file: str | os.PathLike
         raise SettingsError(file, key, f"{path} is not a PEM private key") from None
 
 
-def password_callback(password: bytes | None, path: Path, file: str | os.PathLike, key: str, password_key: str):
+def password_callback(password: bytes | None, path: Path, file: str | os.PathLike, key: str,
+                      password_key: str | None):
     """For ssl's load_cert_chain: the passphrase, or a one-line error instead of OpenSSL's prompt."""
     def give() -> bytes:
         if password is None:
@@ -71,5 +74,8 @@ def password_callback(password: bytes | None, path: Path, file: str | os.PathLik
     return give
 
 
-def _encrypted(path: Path, file: str | os.PathLike, key: str, password_key: str) -> SettingsError:
+def _encrypted(path: Path, file: str | os.PathLike, key: str, password_key: str | None) -> SettingsError:
+    if password_key is None:  # a key with no passphrase file of its own
+        return SettingsError(file, key, f"{path} is encrypted: {key} must be an unencrypted key "
+                                        "(readable by the gateway's user only)")
     return SettingsError(file, key, f"{path} is encrypted: set {password_key} to a file holding its passphrase")

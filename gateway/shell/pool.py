@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import ClientPayloadError
 from gateway.shell.compat import FlowControlledProtocol, ResponseParser, writable
+from gateway.shell.upstream_tls import connect_failure
 
 READ_LIMIT = 2 ** 16
 MAX_IDLE = 256
@@ -67,7 +68,10 @@ class _Connection(FlowControlledProtocol):
             self.parser.feed_eof()
         except Exception:
             pass
-        self._fail(ConnectionBroken("the upstream closed the connection"))
+        # why, when there is a why: a TLS 1.3 upstream refuses a missing client certificate only after
+        # the handshake, with an alert that arrives here
+        self._fail(ConnectionBroken("the upstream closed the connection"
+                                    + (f" ({connect_failure(exc)})" if exc is not None else "")))
         if self.payload is not None and not self.payload.is_eof():
             self.payload.set_exception(ClientPayloadError("the upstream closed the connection mid-answer"))
         super().connection_lost(exc)
@@ -138,7 +142,7 @@ class Pool:
     """
 
     def __init__(self, base_url: str, ssl_context: ssl.SSLContext | None = None, keepalive_s: float = 10.0,
-                 max_connections: int = 100, clock=time.monotonic):
+                 max_connections: int = 100, clock=time.monotonic, server_name: str | None = None):
         parts = urlsplit(base_url)
         self.scheme = parts.scheme
         self.host = parts.hostname or "127.0.0.1"
@@ -148,6 +152,7 @@ class Pool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
         self.ssl = (ssl_context or ssl.create_default_context()) if self.scheme == "https" else None
+        self.server_name = server_name if self.ssl is not None else None   # verified and sent as SNI
         self.keepalive_s, self.max_connections, self.clock = keepalive_s, max_connections, clock
         self.open = 0                                   # connections open or being opened
         self._idle: collections.deque[tuple[float, _Connection]] = collections.deque()  # (idle since, conn)
@@ -155,7 +160,8 @@ class Pool:
 
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port, ssl=self.ssl)
+        _, conn = await loop.create_connection(lambda: _Connection(loop), self.host, self.port, ssl=self.ssl,
+                                               server_hostname=self.server_name)
         return conn
 
     def _usable(self, since: float, conn: _Connection, now: float) -> bool:

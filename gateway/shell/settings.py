@@ -78,6 +78,12 @@ class Upstream:
     keepalive_s: float = setting(10.0, "idle upstream connections older than this are not reused "
                                        "(keep it below the upstream's own keep-alive timeout)")
     max_connections: int = setting(100, "open upstream connections at most; callers past it wait", minimum=1)
+    ca: Path | None = setting(None, "https upstream: CA bundle (PEM) to verify it (default: the system's trust store)")
+    cert: Path | None = setting(None, "https upstream wanting mutual TLS: the gateway's client certificate (PEM)")
+    key: Path | None = setting(None, "upstream.cert's private key (PEM, unencrypted: it has no passphrase file)")
+    server_name: str | None = setting(None, "the name to verify in the upstream's certificate (and send as SNI), "
+                                            "when not the URL's host", pattern=r"[^\s/]+",
+                                 pattern_message="must be a host name")
 
 
 @dataclass(frozen=True)
@@ -184,7 +190,22 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise SettingsError(file, "", "must be a mapping of sections")
     base = file.resolve().parent
     config = build(Config, data, file, base)
+    _check_upstream_tls(config.upstream, file)
     return dataclasses.replace(config, file=file.resolve())
+
+
+def _check_upstream_tls(upstream: Upstream, file: Path) -> None:
+    """upstream.cert and .key go together, and the TLS keys mean something for an https:// upstream only
+    (silently ignoring a CA meant to pin the upstream would be worse than refusing to start)."""
+    if upstream.cert is not None and upstream.key is None:
+        raise SettingsError(file, "upstream.key", "is required with upstream.cert (the client certificate's key)")
+    if upstream.key is not None and upstream.cert is None:
+        raise SettingsError(file, "upstream.cert", "is required with upstream.key (the key's client certificate)")
+    if not upstream.url.startswith("https://"):
+        for name in ("ca", "cert", "key", "server_name"):
+            if getattr(upstream, name) is not None:
+                raise SettingsError(file, f"upstream.{name}", f"only applies to an https:// upstream "
+                                                              f"(upstream.url is {upstream.url})")
 
 
 def parse_host_port(text: str, file: str | os.PathLike = "", key: str = "") -> tuple[str, int]:

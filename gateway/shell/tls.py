@@ -147,16 +147,19 @@ def server_context(config: Config) -> ssl.SSLContext:
     return ctx
 
 
-def _check_pair(config: Config, cert: Path, private) -> None:
+def _check_pair(config: Config, cert: Path, private, section: str = "tls") -> None:
     """The key must be the certificate's (a rotation that replaces the two files one at a time is caught
-    here, with a message that says so, before OpenSSL's own check)."""
+    here, with a message that says so, before OpenSSL's own check). `section`: tls or upstream."""
     try:
         leaf = x509.load_pem_x509_certificate(cert.read_bytes())
+    except OSError as exc:
+        raise SettingsError(config.file, f"{section}.cert", f"cannot read {cert}: {exc.strerror or exc}") from None
     except ValueError:
-        raise SettingsError(config.file, "tls.cert", f"{cert} is not a PEM certificate") from None
+        raise SettingsError(config.file, f"{section}.cert", f"{cert} is not a PEM certificate") from None
     if leaf.public_key().public_bytes(*SPKI) != private.public_key().public_bytes(*SPKI):
-        raise SettingsError(config.file, "tls.cert/tls.key",
-                            f"{cert} and {config.tls.key} do not belong together (the key is not the certificate's)")
+        raise SettingsError(config.file, f"{section}.cert/{section}.key",
+                            f"{cert} and {getattr(config, section).key} do not belong together "
+                            "(the key is not the certificate's)")
 
 
 def load_trust(config: Config, crl: CRLFacts | None) -> Trust:

@@ -16,11 +16,12 @@ from aiohttp import ClientPayloadError
 
 from gateway.core.errors import Reason, Refusal
 from gateway.shell.pool import ConnectionBroken, Pool, Response
+from gateway.shell.upstream_tls import connect_failure
 
 
-def unavailable(detail: str) -> Refusal:
-    """The upstream could not be reached or answered nonsense."""
-    return Refusal(502, Reason.UPSTREAM_UNAVAILABLE, detail)
+def unavailable(detail: str, cause: str | None = None) -> Refusal:
+    """The upstream could not be reached or answered nonsense; `cause` says why, for the log only."""
+    return Refusal(502, Reason.UPSTREAM_UNAVAILABLE, detail, cause=cause)
 
 
 def too_slow(detail: str = "the upstream did not answer in time") -> Refusal:
@@ -30,10 +31,12 @@ def too_slow(detail: str = "the upstream did not answer in time") -> Refusal:
 
 class Upstream:
     def __init__(self, base_url: str, timeout_s: float,
-                 ssl_context: ssl.SSLContext | None = None, keepalive_s: float = 10.0, max_connections: int = 100):
+                 ssl_context: ssl.SSLContext | None = None, keepalive_s: float = 10.0, max_connections: int = 100,
+                 server_name: str | None = None):
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
-        self.pool = Pool(self.base_url, ssl_context, keepalive_s=keepalive_s, max_connections=max_connections)
+        self.pool = Pool(self.base_url, ssl_context, keepalive_s=keepalive_s, max_connections=max_connections,
+                         server_name=server_name)
 
     async def close(self) -> None:
         self.pool.close()
@@ -52,7 +55,7 @@ class Upstream:
         except TimeoutError:
             raise too_slow() from None
         except (ConnectionBroken, OSError) as exc:
-            raise unavailable(f"the upstream cannot be reached ({type(exc).__name__})") from None
+            raise unavailable(f"the upstream cannot be reached ({type(exc).__name__})", connect_failure(exc)) from None
 
     async def ready(self) -> str | None:
         """None when the upstream answers over HTTP, else why not."""
@@ -63,4 +66,4 @@ class Upstream:
                     await resp.read()
             return None
         except (TimeoutError, ConnectionBroken, ClientPayloadError, OSError) as exc:
-            return f"upstream unreachable ({type(exc).__name__})"
+            return f"upstream unreachable ({connect_failure(exc)})"
