@@ -39,10 +39,6 @@ POLICIES = {
         "solicitors": [{"source": "EXTERNAL", "identifier": "*"}],
         "max_upload_bytes": 200_000,
     },
-    "twin-a": {"client": "twin-a", "match": {"common_name": "twin"}, "allow": ["order_state"],
-               "solicitors": [{"source": "EXTERNAL", "identifier": "*"}]},
-    "twin-b": {"client": "twin-b", "match": {"san_uri": "spiffe://gateway.example/twin"}, "allow": ["order_state"],
-               "solicitors": [{"source": "EXTERNAL", "identifier": "*"}]},
     "lawyer": {"client": "lawyer", "match": {"common_name": "lawyer"}, "allow": ["anonymize_user"],
                "anonymize": ["EXTERNAL:19*"]},
 }
@@ -65,7 +61,7 @@ class PKIFolder:
 
 def build_pki(dir: Path) -> PKIFolder:
     """The example PKI plus certificates only the handshake may refuse (all named hr-system)."""
-    certs.init(dir, ["hr-system", "crm", "stranger", "twin", "lawyer", "revoked-one"])
+    certs.init(dir, ["hr-system", "crm", "stranger", "lawyer", "revoked-one"])
     ca_cert, ca_key = pki.load_ca(dir)
     special = dir / "special"
     special.mkdir()

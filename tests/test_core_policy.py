@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from pathlib import Path
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import NameOID
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from gateway.core.identity import Identity
 from gateway.core.operations import Operation
 from gateway.core.errors import SettingsError
+from gateway.core.overlaps import find_overlaps, may_overlap, overlaps
 from gateway.core.policy import (PolicySet, Rate, decide_anonymize, decide_operation, decide_order_scope,
                                  decide_solicitor, parse_policy)
 from gateway.shell.settings import check_policies, load_policies
@@ -23,8 +29,8 @@ BASE = {"client": "svc", "match": {"subject": "CN=svc,O=x"}, "allow": ["read_ord
 NOW = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 
 
-def ident(subject="CN=svc,O=x", cn="svc", dns=(), uri=(), email=(), fp=FP_CANON) -> Identity:
-    return Identity(subject, cn, tuple(dns), tuple(uri), tuple(email), fp, "1f", "CN=ca", NOW, NOW)
+def ident(subject="CN=svc,O=x", cn="svc", dns=(), uri=(), email=(), fp=FP_CANON, issuer="CN=ca") -> Identity:
+    return Identity(subject, cn, tuple(dns), tuple(uri), tuple(email), fp, "1f", issuer, NOW, NOW)
 
 
 def policy(**changes):
@@ -228,3 +234,113 @@ def test_decide_anonymize():
     for fields in denied:
         d = decide_anonymize(star, fields)
         assert (d.allow, d.status) == (False, 400), fields
+
+
+# -- match.issuer ------------------------------------------------------------------------------------
+def test_issuer_pins_the_client_to_its_ca():
+    p = policy(match={"subject": "CN=svc,O=x", "issuer": ["CN=ca", "CN=Partner CA,O=Acme"]})
+    assert p.matches(ident()) and p.matches(ident(issuer="CN=Partner CA,O=Acme"))
+    assert not p.matches(ident(issuer="CN=other"))
+    assert not p.matches(ident(issuer="cn=ca"))                 # exact, as subject is
+    assert not p.matches(ident(issuer="O=Acme,CN=Partner CA"))  # RFC 4514 order: most specific first
+
+
+def test_issuer_alone_is_refused_and_says_why():
+    with pytest.raises(SettingsError) as info:
+        policy(match={"issuer": "CN=ca"})
+    assert info.value.key == "match.issuer" and "every certificate" in info.value.message
+
+
+# -- overlapping policies ------------------------------------------------------------------------------
+FP2 = ":".join(["CD"] * 32)
+
+
+@pytest.mark.parametrize("a, b, overlap", [
+    ({"subject": "CN=a,O=x"}, {"subject": "CN=b,O=x"}, False),
+    ({"subject": "CN=a,O=x"}, {"subject": ["CN=b,O=x", "CN=a,O=x"]}, True),
+    ({"subject": "CN=a,O=x"}, {"common_name": "b"}, False),              # the subject implies CN a
+    ({"subject": "CN=a,O=x"}, {"common_name": ["b", "a"]}, True),
+    ({"subject": "O=x"}, {"common_name": "a"}, False),                   # no CN: no common_name
+    ({"subject": "CN=a,CN=b"}, {"common_name": "a"}, False),             # two CNs: no common_name
+    ({"subject": "cn=a,O=x"}, {"common_name": "a"}, False),              # not as rendered: implies nothing
+    ({"subject": "CN=a\\,b,O=x"}, {"common_name": "a,b"}, True),        # escapes read back
+    ({"subject": "CN=a,O=x", "common_name": "b"}, {"common_name": "c"}, False),   # A matches nothing
+    ({"common_name": "a"}, {"common_name": "b"}, False),
+    ({"common_name": "a"}, {"san_uri": "spiffe://x/a"}, False),         # different keys: a warning
+    ({"san_dns": "a.x"}, {"san_dns": "b.x"}, False),                    # two names: the ordinary case
+    ({"san_dns": ["a.x", "c.x"]}, {"san_dns": ["b.x", "c.x"]}, True),
+    ({"san_email": "a@x"}, {"san_uri": "spiffe://x/a"}, False),
+    ({"fingerprint_sha256": FP}, {"fingerprint_sha256": FP2}, False),
+    ({"fingerprint_sha256": FP}, {"subject": "CN=a,O=x"}, False),       # different keys: a warning
+    ({"fingerprint_sha256": FP, "subject": "CN=a,O=x"}, {"subject": "CN=a,O=x"}, True),
+    ({"subject": "CN=a,O=x", "issuer": "CN=ca1"}, {"subject": "CN=a,O=x", "issuer": "CN=ca2"}, False),
+    ({"subject": "CN=a,O=x", "issuer": "CN=ca1"}, {"subject": "CN=a,O=x", "issuer": ["CN=ca2", "CN=ca1"]}, True),
+    ({"subject": "CN=a,O=x", "issuer": "CN=ca1"}, {"subject": "CN=b,O=x", "issuer": "CN=ca1"}, False),
+    ({"subject": "CN=a,O=x", "issuer": "CN=ca1"}, {"subject": "CN=a,O=x"}, True),     # B takes any CA
+    ({"san_uri": "spiffe://x/a", "issuer": "CN=ca1"}, {"common_name": "a", "issuer": "CN=ca2"}, False),
+    ({"san_dns": "a.x", "issuer": "CN=ca1"}, {"san_dns": "a.x", "subject": "CN=b,O=x"}, True),
+    ({"san_dns": "a.x", "subject": "CN=a,O=x"}, {"san_dns": "a.x", "subject": "CN=b,O=x"}, False),
+])
+def test_overlaps(a, b, overlap):
+    pa, pb = policy(client="a", match=a), policy(client="b", match=b)
+    assert overlaps(pa, pb) is overlap and overlaps(pb, pa) is overlap
+    assert find_overlaps([pa, pb]) == ([(pa, pb)] if overlap else [])
+
+
+def _names() -> list[x509.Name]:
+    attr = x509.NameAttribute
+    org = attr(NameOID.ORGANIZATION_NAME, "x")   # O first: the rendering reads "CN=a,O=x"
+    return [x509.Name([org, attr(NameOID.COMMON_NAME, cn)]) for cn in ("a", "b", "a,b")] + [
+        x509.Name([org]), x509.Name([attr(NameOID.COMMON_NAME, "a"), attr(NameOID.COMMON_NAME, "b")])]
+
+
+def _identities() -> list[Identity]:
+    """Certificates as identity.py reads them: the common name taken from the subject, not guessed."""
+    out = []
+    for name, issuer, dns, fp in itertools.product(_names(), ("CN=ca1", "CN=ca2"), ((), ("a.x",), ("a.x", "b.x")),
+                                                   (FP_CANON, FP2)):
+        cns = name.get_attributes_for_oid(NameOID.COMMON_NAME)
+        out.append(Identity(name.rfc4514_string(), str(cns[0].value) if len(cns) == 1 else None, dns, (), (), fp,
+                            "1", issuer, NOW, NOW))
+    return out
+
+
+IDENTITIES = _identities()
+VALUES = {"subject": [n.rfc4514_string() for n in _names()] + ["cn=a,O=x"], "issuer": ["CN=ca1", "CN=ca2"],
+          "common_name": ["a", "b", "a,b"], "san_dns": ["a.x", "b.x"], "fingerprint_sha256": [FP_CANON, FP2]}
+matches = st.dictionaries(st.sampled_from(list(VALUES)), st.integers(0, 10), min_size=1, max_size=3).flatmap(
+    lambda keys: st.fixed_dictionaries({k: st.lists(st.sampled_from(VALUES[k]), min_size=1, max_size=2, unique=True)
+                                        for k in keys}))
+
+
+@settings(max_examples=400, deadline=None)
+@given(matches, matches)
+def test_two_policies_one_certificate_matches_are_an_error_or_a_warning(a, b):
+    """Soundness: whenever some certificate matches both, check says so: an error when they share a
+    value, a warning when they match on different keys; only same keys with other values (two
+    certificates' SANs that one certificate could both carry) go unreported."""
+    assume(set(a) != {"issuer"} and set(b) != {"issuer"})
+    pa, pb = policy(client="a", match=a), policy(client="b", match=b)
+    both = [i for i in IDENTITIES if pa.matches(i) and pb.matches(i)]
+    shared = any(k != "issuer" and set(v) & set(b.get(k, ())) for k, v in a.items())
+    if both and shared:
+        assert overlaps(pa, pb), both[0]
+    if both and not overlaps(pa, pb):
+        assert may_overlap(pa, pb) or set(a) - {"issuer"} == set(b) - {"issuer"}, both[0]
+    assert not (overlaps(pa, pb) and may_overlap(pa, pb))
+
+
+def test_overlapping_files_are_a_problem_naming_both(tmp_path):
+    (tmp_path / "hr.yaml").write_text(yaml.safe_dump({**BASE, "client": "hr", "match": {"common_name": "svc"}}))
+    (tmp_path / "other.yaml").write_text(yaml.safe_dump({**BASE, "client": "other", "match": {"common_name": "z"}}))
+    (tmp_path / "svc.yaml").write_text(yaml.safe_dump(BASE))     # CN=svc,O=x: hr's common name
+    problems = check_policies(tmp_path)
+    assert len(problems) == 1 and problems[0].key == "match"
+    assert Path(problems[0].file).name == "svc.yaml" and str(tmp_path / "hr.yaml") in problems[0].message
+    with pytest.raises(SettingsError) as info:
+        load_policies(tmp_path)
+    assert str(info.value) == str(problems[0])
+    (tmp_path / "svc.yaml").write_text(yaml.safe_dump({**BASE, "match": {"subject": "CN=svc,O=x", "issuer": "CN=b"}}))
+    (tmp_path / "hr.yaml").write_text(yaml.safe_dump({**BASE, "client": "hr", "match": {"common_name": "svc",
+                                                                                       "issuer": "CN=a"}}))
+    assert check_policies(tmp_path) == []     # pinned to different CAs: told apart

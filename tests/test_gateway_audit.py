@@ -12,7 +12,7 @@ from gateway.core.audit import verify
 from gateway_harness import ORDER_CRM, ORDER_HR, POLICIES, gateway_running, session, write_config
 
 FIELDS = {"ts", "request_id", "client", "cert", "remote", "method", "path", "operation", "order_id", "solicitor",
-          "decision", "reason", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash"}
+          "decision", "reason", "code", "status", "bytes_in", "bytes_out", "duration_ms", "prev", "hash"}
 
 
 async def status_of(test_pki, client, method, url, **kwargs) -> tuple[int, str]:
@@ -56,6 +56,8 @@ async def test_every_request_leaves_one_chained_line(tmp_path, test_pki, recorde
     assert first["solicitor"] == {"source": "EXTERNAL", "identifier": "198603052385"}
     assert first["bytes_out"] == 2 and first["duration_ms"] > 0
     assert records[3]["reason"].startswith("rate limit")
+    assert [r["code"] for r in records] == [None, "order_not_visible", "operation_not_allowed", "rate_limited",
+                                            "unknown_client", "no_operation"]
     assert records[4]["client"] == "unknown" and records[4]["cert"]["subject"] == "CN=stranger,O=gateway example"
     with open(log, "rb") as f:
         assert verify(f, None).ok

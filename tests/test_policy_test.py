@@ -74,6 +74,28 @@ def test_report_mode_is_an_expectation_of_its_own(project):
                                    "actual": "allow (would deny anonymize_not_allowed)"}]
 
 
+def test_identity_fields_name_the_issuer_for_a_pinned_policy(project):
+    from cryptography import x509
+
+    ca = x509.load_pem_x509_certificate((project / "certs.example" / "ca.crt").read_bytes()).subject.rfc4514_string()
+    crm = project / "policies" / "crm.yaml"
+    crm.write_text(crm.read_text().replace('  subject: "CN=crm,O=gateway example"',
+                                           f'  subject: "CN=crm,O=gateway example"\n  issuer: "{ca}"'))
+    state = {"method": "GET", "path": "/orders/7b2a9c1e-0d3f-4a5b-8c6d-1e2f3a4b5c6d/state",
+             "order_solicitor": {"source": "EXTERNAL", "identifier": "1"}}
+    cases = project / "pinned.yaml"
+    cases.write_text(json.dumps({"cases": [
+        {"name": "its CA", "identity": {"subject": "CN=crm,O=gateway example", "issuer": ca}, "request": state,
+         "expect": "allow"},
+        {"name": "another CA", "identity": {"subject": "CN=crm,O=gateway example", "issuer": "CN=Partner CA"},
+         "request": state, "expect": {"deny": 403, "reason": "unknown_client"}},
+        {"name": "the committed certificate", "identity": {"cert": "certs.example/clients/crm.crt"},
+         "request": state, "expect": "allow"},
+    ]}))
+    code, out, err = policy_test(str(cases), cwd=project)
+    assert code == 0 and out.splitlines()[0] == "3 passed, 0 failed", out + err
+
+
 @pytest.mark.parametrize("content, key", [
     ("cases: []", "cases"),
     ("cases: [{identity: {subject: x}, request: {method: GET, path: /}, expect: maybe}]", "cases[0].expect"),

@@ -2,9 +2,11 @@
 
 Reading policies/*.yaml is shell/settings.py's; this module gets the parsed data.
 
-Deny unless a policy allows. A certificate that matches no policy, or more
-than one, is nobody. Every decision carries a reason that goes to the client
-(as problem detail), the audit log and `policy explain`.
+Deny unless a policy allows. A certificate that matches no policy is nobody,
+and so is one that matches more than one (policies that share a value are
+refused when the folder is loaded: core/overlaps.py). Every decision carries a
+reason that goes to the client (as problem detail), the audit log and
+`policy explain`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from gateway.core.identity import Identity
 from gateway.core.operations import ORDER_SCOPED, Operation
 from gateway.core.typed import whole
 
-MATCH_KEYS = ("subject", "common_name", "san_dns", "san_uri", "san_email", "fingerprint_sha256")
+MATCH_KEYS = ("subject", "issuer", "common_name", "san_dns", "san_uri", "san_email", "fingerprint_sha256")
 POLICY_KEYS = ("client", "match", "allow", "solicitors", "anonymize", "rate_limit", "max_upload_bytes", "mode")
 CLIENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 SOURCES = ("INTERNAL", "EXTERNAL")
@@ -81,6 +83,8 @@ class Policy:
 def _match_one(key: str, values: tuple[str, ...], identity: Identity) -> bool:
     if key == "subject":
         return identity.subject in values
+    if key == "issuer":
+        return identity.issuer in values
     if key == "common_name":
         return identity.common_name is not None and identity.common_name in values
     if key == "fingerprint_sha256":
@@ -214,6 +218,9 @@ def parse_policy(data: Any, path: str) -> Policy:
         if key == "fingerprint_sha256":
             values = [_fingerprint(v, err) for v in values]
         parsed_match.append((key, tuple(values)))
+    if set(match) == {"issuer"}:
+        raise err("match.issuer", "cannot be the only key: it would match every certificate the CA issues "
+                                  "(give it with subject, common_name, a SAN or fingerprint_sha256)")
     allow = data.get("allow", [])
     if not isinstance(allow, list):
         raise err("allow", "must be a list of operations")

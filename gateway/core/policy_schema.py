@@ -16,6 +16,8 @@ _NON_EMPTY = {"type": "string", "minLength": 1}
 _OPERATIONS = [op.value for op in Operation]
 _MATCH_ABOUT = {
     "subject": "the certificate's subject, RFC 4514, exactly (CN=hr-system,O=Acme)",
+    "issuer": "the issuing CA's subject, RFC 4514, exactly (CN=Partner CA,O=Acme), with another key: pins the "
+              "client to one CA when tls.client_ca holds several",
     "common_name": "the subject's one common name",
     "san_dns": "a DNS name among the subjectAltNames",
     "san_uri": "a URI among the subjectAltNames (spiffe://acme/hr)",
@@ -62,6 +64,7 @@ def policy_schema() -> dict:
         "client": {"type": "string", "pattern": f"^{CLIENT_RE.pattern}$(?!\n)",   # as fullmatch
                    "description": "the client's name: in the audit log, the metrics and the identity token"},
         "match": {"type": "object", "additionalProperties": False, "minProperties": 1, "properties": match,
+                  "anyOf": [{"required": [k]} for k in MATCH_KEYS if k != "issuer"],   # issuer alone: any cert
                   "description": "the client's certificates: every key given must match"},
         "allow": {"type": "array", "items": {"enum": _OPERATIONS}, "description": "the operations it may call"},
         "solicitors": {

@@ -19,7 +19,8 @@ from typing import Any
 import yaml
 
 from gateway.core.errors import SettingsError
-from gateway.core.policy import PolicySet, Policy, parse_policy
+from gateway.core.overlaps import find_overlaps
+from gateway.core.policy import Policy, PolicySet, parse_policy
 from gateway.core.typed import build, json_schema, setting
 
 DEFAULT_CONFIG = "config.yaml"
@@ -220,18 +221,25 @@ def parse_host_port(text: str, file: str | os.PathLike = "", key: str = "") -> t
 
 
 def load_policies(folder: Path) -> PolicySet:
-    """Every policies/*.yaml file; the first problem raises SettingsError."""
-    problems = check_policies(folder)
+    """Every policies/*.yaml file; the first problem raises SettingsError (a reload then keeps the old set)."""
+    policies, problems = read_policies(folder)
     if problems:
         raise problems[0]
-    return PolicySet([_load_file(f) for f in sorted(folder.glob("*.yaml"))])
+    return PolicySet(policies)
 
 
 def check_policies(folder: Path) -> list[SettingsError]:
     """Every problem in the policy folder, for `gateway check`."""
+    return read_policies(folder)[1]
+
+
+def read_policies(folder: Path) -> tuple[list[Policy], list[SettingsError]]:
+    """The policies that parse, and every problem: a file that does not, a client named twice, and two
+    policies one certificate could match (core.policy.find_overlaps), named by both files."""
     if not folder.is_dir():
-        return [SettingsError(folder, "", "is not a folder of policy files")]
+        return [], [SettingsError(folder, "", "is not a folder of policy files")]
     problems: list[SettingsError] = []
+    policies: list[Policy] = []
     seen: dict[str, str] = {}
     for f in sorted(folder.glob("*.yaml")):
         try:
@@ -239,10 +247,15 @@ def check_policies(folder: Path) -> list[SettingsError]:
         except SettingsError as exc:
             problems.append(exc)
             continue
+        policies.append(policy)
         if policy.client in seen:
             problems.append(SettingsError(f, "client", f"{policy.client!r} is also the client of {seen[policy.client]}"))
         seen.setdefault(policy.client, str(f))
-    return problems
+    for a, b in find_overlaps(policies):
+        problems.append(SettingsError(b.file, "match", f"a certificate could match both this policy (client "
+                                      f"{b.client}) and {a.file} (client {a.client}): tell them apart by "
+                                      "issuer, or by a subject, common_name or fingerprint_sha256 of their own"))
+    return policies, problems
 
 
 def read_yaml(path: Path) -> Any:

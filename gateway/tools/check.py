@@ -1,32 +1,26 @@
-"""`gateway check` and `gateway policy explain`: answers without starting anything.
+"""`gateway check`: an answer without starting anything (`policy explain` is tools/explain.py).
 
-check: every problem of the config file, the policy files, the TLS files, the
-keys and the storage settings, one line each, naming file and key.
-explain: which client a certificate maps to, and the decision the gateway
-would take on a request, from the same core functions the pipeline calls.
+Every problem of the config file, the policy files, the TLS files, the keys and
+the storage settings, one line each, naming file and key.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 
 from gateway.shell.audit_writer import load_key
-from gateway.core.decide import UNKNOWN, NeedFields, evaluate, run
 from gateway.core.errors import SettingsError
-from gateway.core.identity import Identity, identity_from_der
-from gateway.core.operations import route
-from gateway.core.policy import PolicySet
-from gateway.core.strictjson import json_value
+from gateway.core.overlaps import find_possible_overlaps
+from gateway.core.policy import Policy
 from gateway.shell.keys import readable_by_others
 from gateway.shell.limits import storage_from_url
-from gateway.shell.settings import Config, check_policies, load_config, load_policies
+from gateway.shell.settings import Config, load_config, read_policies
 from gateway.shell.tls import check_crl, crl_is_stale, example_keys_exposed, load_crls, server_context
 from gateway.shell.token import TokenIssuer, configured_key
+from gateway.shell.upstream_tls import upstream_context
 from gateway.core.x509_rules import broken_rules
 
 EXPIRY_WARNING_DAYS = 14
@@ -39,8 +33,10 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
     except SettingsError as exc:
         return [str(exc)], []
     where = str(config.file)
+    policies: list[Policy] = []
     if config.policies.is_dir():
-        problems: list[str] = [str(p) for p in check_policies(config.policies)]
+        policies, policy_problems = read_policies(config.policies)
+        problems: list[str] = [str(p) for p in policy_problems]
     else:
         problems = [f"{where}: policies: {config.policies} is not a folder of policy files"]
     warnings: list[str] = []
@@ -51,6 +47,13 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
             problems.append(f"{where}: tls.crl: {config.tls.crl} is past its nextUpdate: every client would be refused")
     except SettingsError as exc:
         problems.append(str(exc))
+    try:
+        upstream_context(config)
+    except SettingsError as exc:
+        problems.append(str(exc))
+    upstream_problems, upstream_warnings = _upstream_cert(config, time.time())
+    problems += upstream_problems
+    warnings += upstream_warnings
     for key, path in (("tls.key_password_file", config.tls.key_password_file),
                       ("identity_token.key_password_file",
                        config.identity_token.key_password_file if config.identity_token else None)):
@@ -60,6 +63,7 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
     trust_problems, trust_warnings = _trust(config, time.time())
     problems += trust_problems
     warnings += trust_warnings
+    warnings += _issuer_pinning(config, policies)
     if config.identity_token is not None:
         key = config.identity_token.key
         if key is None:
@@ -109,6 +113,19 @@ def _read_crls(path: Path | None) -> list[x509.CertificateRevocationList]:
     if path is None or not Path(path).is_file():
         return []
     return load_crls(path, strict=False)  # what does not parse, check_crl has reported
+
+
+def _upstream_cert(config: Config, now: float) -> tuple[list[str], list[str]]:
+    """An expired upstream.cert is refused by the upstream: every call would be a 502."""
+    problems, warnings = [], []
+    # the leaf (a chain may follow it); what is wrong with the file, upstream_context has said
+    for cert in _read_certs(config.upstream.cert)[:1]:
+        name, end = cert.subject.rfc4514_string(), cert.not_valid_after_utc
+        if end.timestamp() < now:
+            problems.append(f"{config.file}: upstream.cert: {name} expired on {end:%Y-%m-%d}")
+        elif end.timestamp() < now + EXPIRY_WARNING_DAYS * 86400:
+            warnings.append(f"{config.file}: upstream.cert: {name} expires {end:%Y-%m-%d}")
+    return problems, warnings
 
 
 def _issued_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -167,60 +184,24 @@ def _trust(config: Config, now: float) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-@dataclass(frozen=True)
-class Explanation:
-    lines: list[str]
-    allowed: bool
-
-
-def explain(config_file: str | None, cert_pem: Path, method: str, path: str,
-            form: list[tuple[str, str]]) -> Explanation:
-    """What the gateway would decide, without sending anything: core.decide driven with --form values."""
-    config = load_config(config_file)
-    policies: PolicySet = load_policies(config.policies)
-    identity = _identity(cert_pem)
-    lines = [f"certificate: {identity.subject} (issuer {identity.issuer}, serial {identity.serial})",
-             f"fingerprint_sha256: {identity.fingerprint_sha256}"]
-    policy, why = policies.find(identity)
-    if policy is None:
-        return Explanation(lines + [f"client: none ({why})", "decision: deny 403"], False)
-    lines.append(f"client: {policy.client} ({policy.file}, mode {policy.mode})")
-    rt = route(method.upper(), path)
-    if rt is None:
-        return Explanation(lines + [f"operation: none ({method.upper()} {path} is no operation)",
-                                    "decision: deny 404"], False)
-    lines.append(f"operation: {rt.operation.value}" + (f" (order {rt.order_id})" if rt.order_id else ""))
-    fields: dict[str, list[str]] = {}
-    for name, value in form:
-        fields.setdefault(name, []).append(value)
-
-    def answer(need):
-        if isinstance(need, NeedFields):
-            return {k: v for k, v in fields.items() if need.names is None or k in need.names}
-        given = fields.get("solicitor")  # NeedOrderSolicitor: --form solicitor=JSON stands for the order's
-        if not given:
-            lines.append("order scope: the order's solicitor is looked up from the upstream at request time; "
-                         "give it with --form solicitor=JSON to check it here")
-            return UNKNOWN
-        value = json_value(given[0])
-        return value if isinstance(value, dict) else None
-
-    verdict = run(evaluate(policy, rt), answer)
-    if verdict.would_deny:
-        lines.append(f"decision: allow (report mode; would deny {verdict.would_deny_status}: "
-                     f"{verdict.reason.removeprefix('would deny: ')})")
-        return Explanation(lines, True)
-    lines.append(f"decision: {'allow' if verdict.allow else f'deny {verdict.status}'}: {verdict.reason}")
-    return Explanation(lines, verdict.allow)
-
-
-def _identity(cert_pem: Path) -> Identity:
-    try:
-        data = Path(cert_pem).read_bytes()
-    except OSError as exc:
-        raise SettingsError(cert_pem, "", f"cannot read: {exc.strerror or exc}") from None
-    try:
-        cert = x509.load_pem_x509_certificate(data)
-    except ValueError:
-        raise SettingsError(cert_pem, "", "is not a PEM certificate") from None
-    return identity_from_der(cert.public_bytes(serialization.Encoding.DER))
+def _issuer_pinning(config: Config, policies: list[Policy]) -> list[str]:
+    """Policies a certificate of more than one CA could match: with several CAs in tls.client_ca (distinct
+    subjects, roots and intermediates alike: OpenSSL accepts a client any of them issued), a policy without
+    `issuer` is the client of whichever CA issues a certificate with its values. And an issuer that is no
+    CA of the bundle matches only clients that present that CA themselves."""
+    cas = {ca.subject.rfc4514_string() for ca in _read_certs(config.tls.client_ca)}
+    warnings = []
+    for policy in policies:
+        issuers = dict(policy.match).get("issuer")
+        if issuers is None and len(cas) > 1:
+            warnings.append(f"{policy.file}: match: no issuer, and tls.client_ca holds {len(cas)} CAs: a certificate "
+                            f"any of them issues with these values is client {policy.client} (pin it with "
+                            f"match.issuer: one of {'; '.join(sorted(cas))})")
+        for issuer in [i for i in issuers or () if cas and i not in cas]:
+            warnings.append(f"{policy.file}: match.issuer: {issuer} is no CA of tls.client_ca: only a client "
+                            "presenting that CA as its intermediate can match")
+    for a, b in find_possible_overlaps(policies):
+        warnings.append(f"{b.file}: match: a certificate carrying both this policy's values (client {b.client}) "
+                        f"and those of {a.file} (client {a.client}) would match both, and be refused as "
+                        "unknown_client: tell them apart by issuer or by a key both use")
+    return warnings

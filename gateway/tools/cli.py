@@ -36,10 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     policy_sub = policy.add_subparsers(dest="policy_command", required=True, metavar="COMMAND")
     explain = policy_sub.add_parser(
         "explain", help="which client a certificate maps to and the decision on a request, without sending it",
-        description="Exit 0 when the request would be allowed, 1 when it would be refused, "
-                    "2 when the input cannot be used.")
+        description="The certificate is first checked as serving checks it (chain to tls.client_ca, validity, "
+                    "CRL): a refusal there is the decision. Exit 0 when the request would be allowed, 1 when it "
+                    "would be refused, 3 when it would be allowed only if the order's solicitor (looked up at "
+                    "request time) is one of the client's, 2 when the input cannot be used.")
     explain.add_argument("-c", "--config", help="config file (default: $GATEWAY_CONFIG or ./config.yaml)")
-    explain.add_argument("--cert", required=True, help="the client certificate (PEM)")
+    explain.add_argument("--cert", required=True, help="the client certificate (PEM; certificates after it are "
+                                                       "the intermediates the client presents)")
     explain.add_argument("--method", required=True, help="HTTP method, e.g. POST")
     explain.add_argument("--path", required=True, help="request path, e.g. /orders")
     explain.add_argument("--form", action="append", default=[], metavar="NAME=VALUE",
@@ -90,7 +93,7 @@ def _check(args) -> int:
 def _explain(args) -> int:
     from pathlib import Path
 
-    from gateway.tools.check import explain
+    from gateway.tools.explain import explain
 
     form = []
     for item in args.form:
@@ -105,7 +108,7 @@ def _explain(args) -> int:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
     print("\n".join(result.lines))
-    return 0 if result.allowed else 1
+    return result.exit_code
 
 
 def _policy_test(args) -> int:

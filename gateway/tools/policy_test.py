@@ -4,7 +4,7 @@ A test file (YAML, `policies/tests/*.yaml` by default) holds `cases`, each with:
 
     name:     what the case shows (optional; the case's index names it otherwise)
     identity: {cert: PEM file (relative to the test file)} or identity fields:
-              {subject, common_name, san_dns, san_uri, san_email, fingerprint_sha256}
+              {subject, issuer, common_name, san_dns, san_uri, san_email, fingerprint_sha256}
     request:  {method, path, form: {NAME: VALUE or [VALUES]}, fields: {...anonymize fields},
                order_solicitor: {source, identifier} or null (the order does not exist)}
     expect:   allow | {allow: true, would_deny: CODE} (report mode) | {deny: STATUS, reason: CODE}
@@ -36,7 +36,7 @@ from gateway.core.operations import route
 from gateway.core.policy import Policy, PolicySet
 from gateway.shell.settings import read_yaml
 
-IDENTITY_FIELDS = ("subject", "common_name", "san_dns", "san_uri", "san_email", "fingerprint_sha256")
+IDENTITY_FIELDS = ("subject", "issuer", "common_name", "san_dns", "san_uri", "san_email", "fingerprint_sha256")
 REQUEST_KEYS = ("method", "path", "form", "fields", "order_solicitor")
 
 
@@ -158,8 +158,8 @@ def _identity(f: Path, where: str, data: Any) -> Identity:
         fingerprint = format_fingerprint(hashlib.sha256(json.dumps(data, sort_keys=True).encode()).digest())
     return Identity(subject=str(data.get("subject", "")), common_name=data.get("common_name"),
                     san_dns=many("san_dns"), san_uri=many("san_uri"), san_email=many("san_email"),
-                    fingerprint_sha256=str(fingerprint).upper(), serial="0", issuer="", not_before=None,
-                    not_after=None)
+                    fingerprint_sha256=str(fingerprint).upper(), serial="0", issuer=str(data.get("issuer", "")),
+                    not_before=None, not_after=None)
 
 
 def _expect(f: Path, where: str, data: Any) -> Outcome:
