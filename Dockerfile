@@ -1,6 +1,6 @@
 # The gateway as a container: `gateway serve` as a non-root user.
 #   docker build -t gateway .
-#   head -c 32 /dev/urandom > audit.key && chmod 400 audit.key
+#   head -c 32 /dev/urandom > audit.key && chmod 400 audit.key && sudo chown 10001 audit.key   # the image's user
 #   docker run -p 8443:8443 -v $PWD/certs.example:/etc/gateway/certs:ro \
 #     -v $PWD/policies:/etc/gateway/policies:ro \
 #     --mount type=bind,src=$PWD/audit.key,dst=/run/secrets/audit.key,readonly gateway

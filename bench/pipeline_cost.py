@@ -54,8 +54,8 @@ class _Certificate:
     def getpeercert(self, binary_form=False):
         return self.leaf
 
-    def get_verified_chain(self):
-        return [self.leaf, self.ca]
+    def get_unverified_chain(self):
+        return [self.leaf]   # what the client sent; its CA is in tls.client_ca
 
 
 class _Transport:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
 
 from conftest import gateway_command
 from gateway.core.audit import GENESIS, Redactor, last_hash, seal, verify
@@ -117,15 +118,32 @@ def test_redaction_is_keyed_and_stable():
     assert other["solicitor"]["identifier"] != one["solicitor"]["identifier"]
 
 
-def test_a_redacted_value_is_replaced_in_every_other_text_of_the_line():
+def test_a_redacted_value_is_replaced_in_the_prose_of_the_line():
     r = Redactor(["solicitor.identifier"], b"r" * 32)
     record = r.apply({"ts": "2026-01-01T00:00:00.000Z", "solicitor": {"source": "INTERNAL", "identifier": "uid=ab"},
-                      "reason": "solicitor INTERNAL:uid=ab is not one of client beta's solicitors",
-                      "path": "/orders", "extra": [{"note": "uid=ab again"}]})
+                      "reason": "solicitor INTERNAL:uid=ab is not one of client beta's solicitors"})
     pseudonym = record["solicitor"]["identifier"]
     assert "uid=ab" not in json.dumps(record)
     assert record["reason"] == f"solicitor INTERNAL:{pseudonym} is not one of client beta's solicitors"
-    assert record["extra"] == [{"note": f"{pseudonym} again"}]
+
+
+@pytest.mark.parametrize("identifier", [["jdoe"], {"uid": "jdoe"}, 12345])
+def test_a_redacted_value_that_is_not_text_leaves_no_spelling_in_the_prose(identifier):
+    r = Redactor(["solicitor.identifier"], b"r" * 32)
+    record = r.apply({"solicitor": {"source": "INTERNAL", "identifier": identifier},
+                      "reason": f"solicitor INTERNAL:{identifier} is not one of client beta's solicitors"})
+    assert "jdoe" not in json.dumps(record) and "12345" not in json.dumps(record)
+
+
+def test_a_client_cannot_rewrite_the_fixed_fields_through_a_redacted_value():
+    r = Redactor(["solicitor.identifier"], b"r" * 32)
+    fixed = {"decision": "deny", "operation": "create_order", "client": "crm", "path": "/orders",
+             "cert": {"subject": "CN=crm,O=x"}}
+    for value in ("deny", "create_order", "crm", "orders", "O"):
+        record = r.apply({**json.loads(json.dumps(fixed)), "solicitor": {"identifier": value},
+                          "reason": f"solicitor INTERNAL:{value} is not one of client crm's solicitors"})
+        assert {k: record[k] for k in fixed} == fixed
+        assert f"INTERNAL:{value} " not in record["reason"] and record["solicitor"]["identifier"] in record["reason"]
 
 
 def test_verify_of_a_missing_file_is_one_line(tmp_path):

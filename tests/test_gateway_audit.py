@@ -103,6 +103,19 @@ async def test_certificates_of_no_policy_share_one_bound(tmp_path, test_pki, rec
     assert set(statuses[UNMAPPED.burst:]) == {429}
 
 
+async def test_a_refusal_is_answered_and_audited_when_counting_it_fails(tmp_path, test_pki, recorder_url):
+    config = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]})
+    async with gateway_running(config) as (url, running):
+        async def broken(cells):
+            raise ValueError("a reply the storage could not read")
+
+        running.gateway.limiter.check = broken
+        status, request_id = await status_of(test_pki, "crm", "DELETE", f"{url}/orders/{ORDER_CRM}")
+    assert status == 403
+    (line,) = read_log(tmp_path / "data" / "audit.jsonl")
+    assert (line["request_id"], line["status"], line["code"]) == (request_id, 403, "operation_not_allowed")
+
+
 async def test_chain_continues_across_restarts_with_a_key(tmp_path, test_pki, recorder_url):
     key_file = tmp_path / "audit.key"
     key_file.write_bytes(b"0123456789abcdef0123456789abcdef")

@@ -136,8 +136,8 @@ async def test_a_client_that_hangs_up_mid_handshake_is_logged_by_what_happened(g
 
     from gateway.shell.listener import failure_details, handshake_failure_reason
 
-    assert failure_details(ConnectionResetError, None) == {"verify_message": "ConnectionResetError"}
-    assert handshake_failure_reason(ConnectionResetError) == "protocol"
+    assert failure_details(ConnectionResetError(), None) == {"verify_message": "ConnectionResetError"}
+    assert handshake_failure_reason(ConnectionResetError()) == "protocol"
     hello = ssl.MemoryBIO()
     tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), hello, server_hostname="localhost")
     with pytest.raises(ssl.SSLWantReadError):

@@ -86,6 +86,36 @@ async def test_a_pinned_client_is_not_the_same_subject_from_another_ca(tmp_path,
     assert recorder.forwarded() == [f"GET {STATE}"]
 
 
+async def test_an_intermediate_named_like_the_pinned_ca_does_not_match(tmp_path, test_pki, two, recorder_url,
+                                                                      recorder):
+    """Another CA of the bundle signs an intermediate with the pinned CA's name, and a crm under it.
+
+    OpenSSL accepts the chain (it ends at a trusted root), and the leaf's issuer field reads like
+    the pin; the pin holds only for the CA of tls.client_ca whose signature is on the leaf.
+    """
+    root = pki.load_ca(test_pki.dir)
+    fake = pki.make_ca("Partner CA", not_before=NOW - DAY, not_after=NOW + 30 * DAY, issuer=root, path_length=0)
+    assert fake[0].subject.rfc4514_string() == two.partner_dn
+    leaf, key = pki.make_client_cert(*fake, "crm", not_before=NOW - DAY, not_after=NOW + 10 * DAY)
+    (tmp_path / "fake-chain.pem").write_bytes(leaf.public_bytes(Encoding.PEM) + fake[0].public_bytes(Encoding.PEM))
+    pki.write_pem(tmp_path / "fake.key", key)
+    policies = {"crm": pinned(POLICIES["crm"], two.partner_dn)}
+    config = write_config(tmp_path, test_pki, recorder_url, policies,
+                          tls=tls(test_pki, client_ca=str(two.bundle), crl=None))
+    async with gateway_running(config) as (url, _):
+        async with session(test_pki, two.partner_crm) as s, s.get(url + STATE) as resp:
+            assert resp.status == 200
+        async with session(test_pki, (tmp_path / "fake-chain.pem", tmp_path / "fake.key")) as s, \
+                s.get(url + STATE) as resp:
+            body = await resp.json(content_type=None)
+            assert resp.status == 403, body
+    assert "matches no client policy" in body["detail"]
+    assert recorder.forwarded() == [f"GET {STATE}"]
+    proc = run("policy", "explain", "-c", str(config), "--cert", str(tmp_path / "fake-chain.pem"), "--method", "GET",
+               "--path", STATE, cwd=tmp_path)
+    assert proc.returncode == 1 and "client: none" in proc.stdout, proc
+
+
 # -- a reload that brings in an overlapping policy fails and keeps the policies in force ------------------
 async def test_a_reload_bringing_an_overlapping_policy_fails_and_keeps_the_old_policies(tmp_path, test_pki, two,
                                                                                         recorder_url):

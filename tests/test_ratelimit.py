@@ -285,7 +285,7 @@ def test_limits_for_none():
 def test_refused_requests_count_against_the_client_limit_only():
     p = policy({"per_second": 10, "burst": 20, "operations": {"order_state": {"per_second": 2}}})
     assert refused_limits(p) == [("crm", Rate(10.0, 20))]
-    assert refused_limits(policy({"operations": {"order_state": {"per_second": 2}}})) == []
+    assert refused_limits(policy({"operations": {"order_state": {"per_second": 2}}})) == [("!refused:crm", UNMAPPED)]
 
 
 def test_certificates_of_no_policy_share_one_cell_no_client_can_own():

@@ -119,14 +119,16 @@ def completed(ex: Any, now: float, duration_s: float) -> dict:
 
 
 class Redactor:
-    """Replaces the listed dotted fields with a keyed hash of their value, and the value everywhere else.
+    """Replaces the listed dotted fields with a keyed hash of their value, and that value in the prose.
 
-    A value is often repeated in prose (a refusal's `reason` names the solicitor it
-    refused), so once a field is redacted every other text of the line has that value
-    replaced by the same pseudonym: redacted means nowhere in the line, not one field.
+    A value is often repeated in `reason` (a refusal names the solicitor it refused), so
+    once a field is redacted every spelling of its value there (as text, as JSON, as
+    Python renders it, and each string inside it) is replaced by the same pseudonym.
+    Only prose is rewritten: the fixed fields (decision, operation, client, ...) stay as
+    they are, whatever a client chose its values to be.
     """
 
-    KEEP = frozenset({"ts", "request_id", "prev", "hash"})   # the gateway's own, never a client's value
+    PROSE = ("reason",)
 
     def __init__(self, fields: Iterable[str], key: bytes):
         self.paths = [tuple(f.split(".")) for f in fields]
@@ -144,33 +146,32 @@ class Redactor:
                 node = node.get(part) if isinstance(node, dict) else None
             if isinstance(node, dict) and node.get(path[-1]) is not None:
                 value = node[path[-1]]
-                node[path[-1]] = self.pseudonym(value)
-                text = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-                if text:
-                    hidden[text] = node[path[-1]]
+                node[path[-1]] = pseudonym = self.pseudonym(value)
+                for text in _spellings(value):
+                    hidden.setdefault(text, pseudonym)
         if hidden:
-            # longest first, so a value that contains another is replaced whole
-            order = sorted(hidden, key=len, reverse=True)
-            for key in record:
-                if key not in self.KEEP:
-                    record[key] = _scrub(record[key], order, hidden)
+            order = sorted(hidden, key=len, reverse=True)   # a value containing another is replaced whole
+            for key in self.PROSE:
+                text = record.get(key)
+                if isinstance(text, str):
+                    for clear in order:
+                        text = text.replace(clear, hidden[clear])
+                    record[key] = text
         return record
 
 
-def _scrub(value: Any, order: list[str], hidden: dict[str, str]) -> Any:
-    """`value` with every clear text in `order` replaced by its pseudonym, however deep in it."""
+def _spellings(value: Any) -> set[str]:
+    """Every way a value may have been written into prose: itself, its JSON, its Python form, its strings."""
     if isinstance(value, str):
-        if value.startswith(REDACTED_PREFIX):
-            return value
-        for text in order:
-            if text in value:
-                value = value.replace(text, hidden[text])
-        return value
+        return {value} if value else set()
+    out = {json.dumps(value, sort_keys=True), json.dumps(value), str(value)}
     if isinstance(value, dict):
-        return {k: _scrub(v, order, hidden) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_scrub(v, order, hidden) for v in value]
-    return value
+        for k, v in value.items():
+            out |= _spellings(k) | _spellings(v)
+    elif isinstance(value, list):
+        for v in value:
+            out |= _spellings(v)
+    return {s for s in out if s}
 
 
 _second: tuple[int | None, str] = (None, "")   # the last whole second formatted, and its text (one tuple:

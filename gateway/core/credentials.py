@@ -47,6 +47,8 @@ class Standing:
     not_after: float = math.inf       # the earliest notAfter
     crl_due: float = math.inf         # the earliest nextUpdate of the CRLs the chain relies on
     fixed: CredentialProblem | None = None   # revoked, no CRL, or no longer trusted: no clock needed
+    issuer: str | None = None         # DN of the CA of tls.client_ca that signed the leaf (RFC 4514); None when
+                                      # its issuer is an intermediate the client presented: what match.issuer pins
 
     def problem(self, now: float) -> CredentialProblem | None:
         if self.fixed is not None:
@@ -91,8 +93,10 @@ class Trust:
                 "unknown_ca", "the client certificate no longer chains to a CA of tls.client_ca"))
         not_before = max(c.not_valid_before_utc.timestamp() for c in chain)
         not_after = min(c.not_valid_after_utc.timestamp() for c in chain)
+        signer = chain[1] if len(chain) > 1 else None
+        issuer = signer.subject.rfc4514_string() if signer is not None and any(signer is ca for ca in self.cas) else None
         if self.crl is None:
-            return Standing(not_before, not_after)
+            return Standing(not_before, not_after, issuer=issuer)
         checked = chain if self.crl_check == "chain" else chain[:1]
         due = math.inf
         for cert in checked:
@@ -105,7 +109,7 @@ class Trust:
             next_update = self.crl.next_update[issuer]
             if next_update is not None:
                 due = min(due, next_update)
-        return Standing(not_before, not_after, due)
+        return Standing(not_before, not_after, due, issuer=issuer)
 
     def _chain(self, leaf: x509.Certificate,
                presented: tuple[x509.Certificate, ...]) -> tuple[list[x509.Certificate], bool]:

@@ -53,6 +53,9 @@ class Solicitor:
         return source == self.source and fnmatch.fnmatchcase(identifier, self.identifier)
 
 
+_LEAF_ISSUER = object()   # Policy.matches without a verified issuer: the certificate's own issuer field
+
+
 @dataclass(frozen=True)
 class Policy:
     client: str
@@ -65,8 +68,12 @@ class Policy:
     max_upload_bytes: int | None = None
     mode: str = "enforce"
 
-    def matches(self, identity: Identity) -> bool:
-        return all(_match_one(key, values, identity) for key, values in self.match)
+    def matches(self, identity: Identity, issuer: str | None | object = _LEAF_ISSUER) -> bool:
+        """Whether the certificate is this client's. `issuer`: the DN of the CA of tls.client_ca that
+        verifiably signed it (None: none did, so no `issuer` pin holds); left out, the certificate's own
+        issuer field stands for it (offline tools that have no chain)."""
+        verified = identity.issuer if issuer is _LEAF_ISSUER else issuer
+        return all(_match_one(key, values, identity, verified) for key, values in self.match)
 
     def may_act_for(self, source: Any, identifier: Any) -> bool:
         if not isinstance(source, str) or not isinstance(identifier, str):
@@ -80,11 +87,12 @@ class Policy:
         return any(fnmatch.fnmatchcase(external_id, g) for g in self.anonymize)
 
 
-def _match_one(key: str, values: tuple[str, ...], identity: Identity) -> bool:
+def _match_one(key: str, values: tuple[str, ...], identity: Identity, issuer: str | None) -> bool:
     if key == "subject":
         return identity.subject in values
     if key == "issuer":
-        return identity.issuer in values
+        # never the issuer field alone: any CA of the bundle could sign an intermediate of that name
+        return issuer is not None and issuer in values
     if key == "common_name":
         return identity.common_name is not None and identity.common_name in values
     if key == "fingerprint_sha256":
@@ -172,19 +180,24 @@ def decide_anonymize(policy: Policy, fields: dict[str, list[Any]]) -> Decision:
 class PolicySet:
     def __init__(self, policies: list[Policy]):
         self.policies = tuple(policies)
-        self._found: dict[str, tuple[Policy | None, str]] = {}
+        self.by_client = {p.client: p for p in self.policies}
+        self._found: dict[tuple[str, object], tuple[Policy | None, str]] = {}
 
-    def find(self, identity: Identity) -> tuple[Policy | None, str]:
-        """The one policy matching the identity, or None and why (remembered per certificate)."""
-        found = self._found.get(identity.fingerprint_sha256)
+    def find(self, identity: Identity, issuer: str | None | object = _LEAF_ISSUER) -> tuple[Policy | None, str]:
+        """The one policy matching the identity, or None and why (remembered per certificate and issuer).
+
+        `issuer` as in Policy.matches: the gateway passes the DN of the CA of tls.client_ca whose
+        signature on the certificate it verified."""
+        key = (identity.fingerprint_sha256, issuer)
+        found = self._found.get(key)
         if found is None:
             if len(self._found) > 10000:
                 self._found.clear()
-            found = self._found[identity.fingerprint_sha256] = self._find(identity)
+            found = self._found[key] = self._find(identity, issuer)
         return found
 
-    def _find(self, identity: Identity) -> tuple[Policy | None, str]:
-        found = [p for p in self.policies if p.matches(identity)]
+    def _find(self, identity: Identity, issuer) -> tuple[Policy | None, str]:
+        found = [p for p in self.policies if p.matches(identity, issuer)]
         if not found:
             return None, "the certificate matches no client policy"
         if len(found) > 1:

@@ -84,13 +84,14 @@ def refused_limits(policy: Policy | None) -> list[tuple[str, Rate]]:
     """The cells a request refused before its operation was admitted counts against.
 
     Every request of an identified client counts against the client's limit, refused ones
-    included; the operation's limit counts admitted operations only. A certificate of no
-    policy counts against UNMAPPED.
+    included; the operation's limit counts admitted operations only. A client without a limit
+    of its own has its refusals counted against a bound of UNMAPPED's size, and the
+    certificates of no policy share one such bound.
     """
     if policy is None:
         return [(UNMAPPED_KEY, UNMAPPED)]
-    if policy.rate_limit.client is None:
-        return []
+    if policy.rate_limit.client is None:   # no limit of its own: its refusals are bounded all the same
+        return [(f"!refused:{policy.client}", UNMAPPED)]
     return [(policy.client, policy.rate_limit.client)]
 
 

@@ -30,7 +30,7 @@ class Peer:
     def __init__(self, der: bytes, chain: list[bytes], handshake_context: ssl.SSLContext | None):
         self.identity = identity_from_der(der)
         self.cert = x509.load_der_x509_certificate(der)
-        self.presented = tuple(x509.load_der_x509_certificate(c) for c in chain[1:])
+        self.presented = tuple(_parsed(chain[1:]))
         self.handshake_context = handshake_context
         self._trust: Trust | None = None
         self._standing: Standing | None = None
@@ -42,6 +42,16 @@ class Peer:
             self._standing = gw.trust.standing(self.cert, self.presented, self.handshake_context is gw.tls_context)
             self._trust = gw.trust
         return self._standing
+
+
+def _parsed(chain: list[bytes]):
+    """The certificates after the leaf that parse: OpenSSL may accept one cryptography will not read,
+    and a chain that needs it is then found incomplete (403), never a 500."""
+    for der in chain:
+        try:
+            yield x509.load_der_x509_certificate(der)
+        except ValueError:
+            continue
 
 
 _peers: "weakref.WeakKeyDictionary[Any, Peer]" = weakref.WeakKeyDictionary()
@@ -71,10 +81,11 @@ def admit_peer(gw: Gateway, transport, ex: Exchange) -> Policy:
     if peer is None:
         raise Refusal(403, Reason.NO_CERTIFICATE, "no verified client certificate", close=True)
     ex.identity = peer.identity
-    policy, why = gw.policies.find(peer.identity)
+    standing = peer.standing(gw)
+    # match.issuer holds only for the CA of tls.client_ca whose signature was verified, never for a name
+    policy, why = gw.policies.find(peer.identity, standing.issuer if standing is not None else None)
     if policy is not None:
         ex.client = policy.client  # named in the audit line and metrics even when refused below
-    standing = peer.standing(gw)
     problem = standing.problem(gw.clock()) if standing is not None else None
     if problem is not None:
         raise Refusal(403, Reason(problem.code), problem.reason, close=True)

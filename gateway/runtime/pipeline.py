@@ -41,6 +41,9 @@ from gateway.shell.oplog import Summary
 
 log = logging.getLogger("gateway.pipeline")
 ANONYMIZE_LIMIT = 65536
+# refusals not counted against a rate limit: a certificate that no longer holds (its connection is closed),
+# and the gateway's own failures
+UNCOUNTED = CREDENTIAL_REASONS | {Reason.AUDIT_UNAVAILABLE, Reason.RATELIMIT_STORAGE}
 ANONYMIZE_TYPES = frozenset({"multipart/form-data", "application/x-www-form-urlencoded", "application/json"})
 SMALL_BODY = 65536  # answers up to this size are read whole and sent in one write
 AUDIT_WAIT_S = 3.0  # how long an answer waits for its audit line (a few retries of a failed write)
@@ -111,10 +114,13 @@ class Pipeline:
                 if deadline.settle():
                     raise TimeoutError from exc
                 raise
+            except Refusal as refusal:
+                if ex.limited:
+                    raise
+                raise await self._count_refused(gw, ex, refusal) from None
             finally:
                 self.deadlines.end(deadline)
-        except Refusal as refusal:
-            exc = refusal if ex.limited else await self._count_refused(gw, ex, refusal)
+        except Refusal as exc:
             ex.refused(exc.status, exc.code, exc.detail)
             ex.close = ex.close or exc.close
             if exc.code in (Reason.UPSTREAM_UNAVAILABLE, Reason.UPSTREAM_TIMEOUT):
@@ -325,15 +331,15 @@ class Pipeline:
         same (a certificate of no policy against the shared one), so that refusals cannot flood the audit
         log: past the limit the refusal becomes a 429. A storage that fails leaves the refusal as it was."""
         ex.limited = True
-        if gw.limiter is None or ex.identity is None or refusal.code in CREDENTIAL_REASONS:
+        if gw.limiter is None or ex.identity is None or refusal.code in UNCOUNTED:
             return refusal
-        policy = gw.policies.find(ex.identity)[0]
-        cells = refused_limits(policy)
-        if not cells:
-            return refusal
+        policy = None if refusal.code is Reason.UNKNOWN_CLIENT else gw.policies.by_client.get(ex.client)
         try:
-            verdict = await gw.limiter.check(cells)
-        except StorageError:
+            verdict = await gw.limiter.check(refused_limits(policy))
+        except Exception as exc:  # noqa: BLE001 - a refusal is answered and audited whatever the storage does
+            if not isinstance(exc, StorageError):
+                log.warning("counting a refusal against its rate limit failed (%s); answered as it was",
+                            type(exc).__name__)
             return refusal
         ex.limit_headers = verdict.headers()
         if verdict.allowed:

@@ -44,15 +44,13 @@ def handshake_failure_reason(exc: BaseException | None) -> str:
         return "other"
     if isinstance(exc, TimeoutError) or (isinstance(exc, ConnectionAbortedError) and "longer than" in str(exc)):
         return "timeout"
-    if isinstance(exc, ConnectionError) or (isinstance(exc, type) and issubclass(exc, ConnectionError)):
-        return "protocol"  # the client hung up mid-handshake
+    if isinstance(exc, ConnectionError):
+        return "protocol"  # the client hung up mid-handshake (compat makes asyncio's class an instance)
     return "other"
 
 
 def failure_details(exc: BaseException, presented: bytes | None) -> dict:
     """What the operational log says of a refused handshake: OpenSSL's message, the certificate shown."""
-    if isinstance(exc, type):  # a class, as asyncio passes ConnectionResetError for a peer that hung up
-        exc = exc()
     message = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
     if not isinstance(message, str) or not message:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -27,16 +27,16 @@ _UNKNOWN = object()
 class Orders:
     def __init__(self, upstream: Upstream, ttl_s: float = 5.0, max_items: int = 10000):
         self.upstream = upstream
-        # order id -> {client: solicitor, or None}: one entry an order, so forget() is one pop
+        # (client, order id) -> solicitor, or None: each entry lives ttl_s from its own client's look-up
         self.solicitors: TTLCache = TTLCache(maxsize=max_items, ttl=ttl_s)
+        self._clients: set[str] = set()   # the clients that have entries, so forget() can reach them all
 
     async def solicitor(self, order_id: str, client: str, headers: dict[str, str]) -> dict | None:
         """The solicitor {source, identifier} of an order as the upstream stores it; None if no such order.
 
         Answered from the cache only when this same client asked before (see the module's docstring).
         """
-        seen = self.solicitors.get(order_id)
-        cached = seen.get(client, _UNKNOWN) if seen is not None else _UNKNOWN
+        cached = self.solicitors.get((client, order_id), _UNKNOWN)
         if cached is not _UNKNOWN:
             return cached
         resp = await self.upstream.send("GET", f"/orders/{order_id}", {**headers, "accept": "application/json"})
@@ -61,12 +61,10 @@ class Orders:
         return found
 
     def _remember(self, order_id: str, client: str, solicitor: dict | None) -> None:
-        seen = self.solicitors.get(order_id)
-        if seen is None:
-            self.solicitors[order_id] = {client: solicitor}
-        else:
-            seen[client] = solicitor
+        self._clients.add(client)
+        self.solicitors[(client, order_id)] = solicitor
 
     def forget(self, order_id: str) -> None:
         """An order was created or deleted: its cached look-up (found or absent) no longer holds."""
-        self.solicitors.pop(order_id, None)
+        for client in self._clients:   # as many as there are policies
+            self.solicitors.pop((client, order_id), None)

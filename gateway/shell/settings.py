@@ -235,7 +235,7 @@ def check_policies(folder: Path) -> list[SettingsError]:
 
 def read_policies(folder: Path) -> tuple[list[Policy], list[SettingsError]]:
     """The policies that parse, and every problem: a file that does not, a client named twice, and two
-    policies one certificate could match (core.policy.find_overlaps), named by both files."""
+    policies one certificate could match (core.overlaps.find_overlaps), named by both files."""
     if not folder.is_dir():
         return [], [SettingsError(folder, "", "is not a folder of policy files")]
     problems: list[SettingsError] = []

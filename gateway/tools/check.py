@@ -188,7 +188,7 @@ def _issuer_pinning(config: Config, policies: list[Policy]) -> list[str]:
     """Policies a certificate of more than one CA could match: with several CAs in tls.client_ca (distinct
     subjects, roots and intermediates alike: OpenSSL accepts a client any of them issued), a policy without
     `issuer` is the client of whichever CA issues a certificate with its values. And an issuer that is no
-    CA of the bundle matches only clients that present that CA themselves."""
+    CA of the bundle matches nothing (the pin holds only for a CA of the bundle whose signature is verified)."""
     cas = {ca.subject.rfc4514_string() for ca in _read_certs(config.tls.client_ca)}
     warnings = []
     for policy in policies:
@@ -198,8 +198,8 @@ def _issuer_pinning(config: Config, policies: list[Policy]) -> list[str]:
                             f"any of them issues with these values is client {policy.client} (pin it with "
                             f"match.issuer: one of {'; '.join(sorted(cas))})")
         for issuer in [i for i in issuers or () if cas and i not in cas]:
-            warnings.append(f"{policy.file}: match.issuer: {issuer} is no CA of tls.client_ca: only a client "
-                            "presenting that CA as its intermediate can match")
+            warnings.append(f"{policy.file}: match.issuer: {issuer} is no CA of tls.client_ca: the pin holds "
+                            "only for a CA of the bundle, so this policy matches no certificate")
     for a, b in find_possible_overlaps(policies):
         warnings.append(f"{b.file}: match: a certificate carrying both this policy's values (client {b.client}) "
                         f"and those of {a.file} (client {a.client}) would match both, and be refused as "

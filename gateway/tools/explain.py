@@ -63,7 +63,8 @@ def explain(config_file: str | None, cert_pem: Path, method: str, path: str,
     identity = identity_from_der(leaf.public_bytes(serialization.Encoding.DER))
     lines = [f"certificate: {identity.subject} (issuer {identity.issuer}, serial {identity.serial})",
              f"fingerprint_sha256: {identity.fingerprint_sha256}"]
-    policy, why = policies.find(identity)
+    standing = trust.standing(leaf, presented)
+    policy, why = policies.find(identity, standing.issuer)   # match.issuer: the CA whose signature holds
     lines.append(f"client: {policy.client} ({policy.file}, mode {policy.mode})" if policy else f"client: none ({why})")
     refused = credential_problem(config, trust, leaf, presented, time.time() if now is None else now)
     if refused is not None:
