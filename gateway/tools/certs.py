@@ -4,6 +4,8 @@ init makes a CA, a server certificate, client certificates and an empty CRL; iss
 client certificate and its key; sign makes a client certificate for an integrator's
 certificate request, so that its private key never leaves the integrator; revoke puts a
 client's certificate on the CRL. The certificates are built by gateway/tools/pki.py.
+init and issue can point the client certificates at an OCSP responder and a CRL address
+(--ocsp-url, --crl-url), for trying out the gateway's online revocation checks.
 
 Every problem the user can fix is a PKIError on one line.
 """
@@ -14,6 +16,7 @@ import argparse
 import datetime as dt
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,6 +44,21 @@ def _check_days(days: int) -> int:
     return days
 
 
+def _check_url(url: str | None, flag: str) -> str | None:
+    """An http:// URL with a host, in ASCII (a certificate's URI is an IA5String); None stays None."""
+    if url is None:
+        return None
+    try:
+        parts = urlsplit(url)
+        ok = url.isascii() and not any(c.isspace() for c in url) and parts.scheme == "http" \
+            and bool(parts.hostname) and (parts.port is None or parts.port > 0)  # .port raises on a bad one
+    except ValueError:
+        ok = False
+    if not ok:
+        raise PKIError(f"{flag} must be an http:// URL with a host, not {url!r}")
+    return url
+
+
 def _client_paths(dir: Path, name: str) -> tuple[Path, Path]:
     return dir / "clients" / f"{name}.crt", dir / "clients" / f"{name}.key"
 
@@ -49,10 +67,16 @@ def _client_paths(dir: Path, name: str) -> tuple[Path, Path]:
 # The commands
 
 
-def init(dir: Path, clients: list[str], days: int = DEFAULT_DAYS) -> None:
-    """Create a CA, a localhost server certificate, one certificate per client and an empty CRL in DIR."""
+def init(dir: Path, clients: list[str], days: int = DEFAULT_DAYS, *, ocsp_url: str | None = None,
+         crl_url: str | None = None) -> None:
+    """Create a CA, a localhost server certificate, one certificate per client and an empty CRL in DIR.
+
+    `ocsp_url`/`crl_url` go into every client certificate (AuthorityInformationAccess, CRLDistributionPoints).
+    """
     dir = Path(dir)
     _check_days(days)
+    _check_url(ocsp_url, "--ocsp-url")
+    _check_url(crl_url, "--crl-url")
     for name in clients:
         _check_name(name)
     dupes = sorted({n for n in clients if clients.count(n) > 1})
@@ -78,17 +102,20 @@ def init(dir: Path, clients: list[str], days: int = DEFAULT_DAYS) -> None:
     write_pem(dir / "server.key", server_key)
     write_pem(dir / "server.crt", server_cert)
     for name in clients:
-        cert, key = make_client_cert(ca_cert, ca_key, name, not_before=nb, not_after=na)
+        cert, key = make_client_cert(ca_cert, ca_key, name, not_before=nb, not_after=na, ocsp_url=ocsp_url,
+                                     crl_url=crl_url)
         crt_path, key_path = _client_paths(dir, name)
         write_pem(key_path, key)
         write_pem(crt_path, cert)
     write_pem(dir / "crl.pem", make_crl(ca_cert, ca_key, number=1, last_update=now, next_update=na))
-    _write_atomic(dir / "README.md", _readme(dir, clients, days, na).encode(), 0o644)
+    _write_atomic(dir / "README.md", _readme(dir, clients, days, na, ocsp_url, crl_url).encode(), 0o644)
 
 
-def _readme(dir: Path, clients: list[str], days: int, until: dt.datetime) -> str:
+def _readme(dir: Path, clients: list[str], days: int, until: dt.datetime, ocsp_url: str | None = None,
+            crl_url: str | None = None) -> str:
     flags = "".join(f" --client {n}" for n in clients)
     days_flag = "" if days == DEFAULT_DAYS else f" --days {days}"
+    days_flag += (f" --ocsp-url {ocsp_url}" if ocsp_url else "") + (f" --crl-url {crl_url}" if crl_url else "")
     listing = "".join(f"- `clients/{n}.crt`, `clients/{n}.key`: client \"CN={n},O={ORG}\", "
                       f"SAN URI `{SPIFFE_PREFIX}{n}`\n" for n in clients)
     folder = dir.name or dir
@@ -144,20 +171,24 @@ def _client_validity(dir: Path, ca_cert: x509.Certificate, days: int) -> tuple[d
     return now - _BACKDATE, not_after
 
 
-def issue(dir: Path, name: str, days: int = DEFAULT_ISSUE_DAYS, force: bool = False) -> Path:
+def issue(dir: Path, name: str, days: int = DEFAULT_ISSUE_DAYS, force: bool = False, *,
+          ocsp_url: str | None = None, crl_url: str | None = None) -> Path:
     """Issue clients/NAME.crt and .key from DIR's CA; returns the certificate's path.
 
     The certificate never outlives the CA. With `force`, an earlier NAME's files are moved aside
-    (NAME.crt.<serial>, NAME.key.<serial>), as after a revoke.
+    (NAME.crt.<serial>, NAME.key.<serial>), as after a revoke. `ocsp_url`/`crl_url` as for init.
     """
     dir = Path(dir)
     _check_name(name)
     _check_days(days)
+    _check_url(ocsp_url, "--ocsp-url")
+    _check_url(crl_url, "--crl-url")
     crt_path, key_path = _client_paths(dir, name)
     ca_cert, ca_key = load_ca(dir)
     not_before, not_after = _client_validity(dir, ca_cert, days)
     _make_room((crt_path, key_path), force, crt_path)
-    cert, key = make_client_cert(ca_cert, ca_key, name, not_before=not_before, not_after=not_after)
+    cert, key = make_client_cert(ca_cert, ca_key, name, not_before=not_before, not_after=not_after,
+                                 ocsp_url=ocsp_url, crl_url=crl_url)
     crt_path.parent.mkdir(parents=True, exist_ok=True)
     write_pem(key_path, key)
     write_pem(crt_path, cert)
@@ -294,11 +325,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="issue a client certificate CN=NAME,O=gateway example (repeatable)")
     p.add_argument("--days", metavar="N", type=int, default=DEFAULT_DAYS,
                    help=f"validity of every certificate and of the CRL, in days (default {DEFAULT_DAYS})")
+    _revocation_options(p)
 
     p = sub.add_parser("issue", help="issue one more client certificate (and its key) from DIR's CA",
                        description="Write DIR/clients/NAME.crt and NAME.key, signed by DIR/ca.key.")
     p.add_argument("dir", metavar="DIR", type=Path, help="folder made by `gateway certs init`")
     _client_options(p)
+    _revocation_options(p)
 
     p = sub.add_parser("sign", help="sign an integrator's certificate request as client NAME (its key stays with it)",
                        description="Write DIR/clients/NAME.crt for the public key of CSR (PEM or DER), signed by "
@@ -336,16 +369,24 @@ def _client_options(p: argparse.ArgumentParser) -> None:
                    help="move an earlier NAME's files aside (NAME.crt.<serial>), e.g. after a revoke")
 
 
+def _revocation_options(p: argparse.ArgumentParser) -> None:
+    """--ocsp-url and --crl-url: where a relying party asks whether a client certificate is revoked."""
+    p.add_argument("--ocsp-url", metavar="URL",
+                   help="put this OCSP responder (http://...) into the client certificates' AuthorityInformationAccess")
+    p.add_argument("--crl-url", metavar="URL",
+                   help="put this CRL address (http://...) into the client certificates' CRLDistributionPoints")
+
+
 def cli_main(args: argparse.Namespace) -> int:
     """Run `gateway certs ...` from parsed arguments; 0 on success, 1 with a one-line error."""
     try:
         if args.certs_command == "init":
-            init(args.dir, args.client, args.days)
+            init(args.dir, args.client, args.days, ocsp_url=args.ocsp_url, crl_url=args.crl_url)
             who = f" and {len(args.client)} client(s): {', '.join(args.client)}" if args.client else ""
             print(f"wrote a development PKI to {args.dir}: CA, server (localhost){who}, empty crl.pem")
         elif args.certs_command == "issue":
             earlier = _still_valid_earlier(Path(args.dir), args.name) if args.force else None
-            path = issue(args.dir, args.name, args.days, args.force)
+            path = issue(args.dir, args.name, args.days, args.force, ocsp_url=args.ocsp_url, crl_url=args.crl_url)
             print(f"wrote {path} and {path.with_suffix('.key')}")
         elif args.certs_command == "sign":
             earlier = _still_valid_earlier(Path(args.dir), args.name) if args.force else None

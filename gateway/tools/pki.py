@@ -8,8 +8,11 @@ them in a folder. It is for local testing only: the CA key sits unencrypted next
 to the certificates it signs.
 
 Every user-facing problem is a PKIError with a one-line message. The helpers
-`make_ca`, `make_client_cert`, `load_ca` and `write_pem` are public so that
-tests can build the odd certificates (expired, wrong purpose, other CA) they need.
+`make_ca`, `make_client_cert`, `make_ocsp_responder`, `load_ca` and `write_pem` are
+public so that tests can build the odd certificates (expired, wrong purpose, other
+CA, an OCSP responder without its purpose) they need. `ocsp_url`/`crl_url` put the
+addresses a revocation checker follows (AuthorityInformationAccess,
+CRLDistributionPoints) into client certificates.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import AuthorityInformationAccessOID, ExtendedKeyUsageOID, NameOID
 
 DEFAULT_DAYS = 3700          # init: a committed PKI stays valid past 2036
 DEFAULT_ISSUE_DAYS = 365     # issue: one more client certificate
@@ -132,10 +135,25 @@ def _leaf(
     not_after: dt.datetime,
     eku: Sequence[str] | None,
     key: PrivateKey | None,
+    ocsp_url: str | None = None,
+    crl_url: str | None = None,
 ) -> tuple[x509.Certificate, PrivateKey]:
     key = key or new_key()
     return _leaf_for(ca_cert, ca_key, subject, sans, key.public_key(), not_before=not_before,
-                     not_after=not_after, eku=eku), key
+                     not_after=not_after, eku=eku, ocsp_url=ocsp_url, crl_url=crl_url), key
+
+
+def _revocation_pointers(b: x509.CertificateBuilder, ocsp_url: str | None,
+                         crl_url: str | None) -> x509.CertificateBuilder:
+    """Where a relying party asks about this certificate: an OCSP responder (AIA) and a CRL (CDP)."""
+    if ocsp_url:
+        b = b.add_extension(x509.AuthorityInformationAccess([x509.AccessDescription(
+            AuthorityInformationAccessOID.OCSP, x509.UniformResourceIdentifier(ocsp_url))]), critical=False)
+    if crl_url:
+        b = b.add_extension(x509.CRLDistributionPoints([x509.DistributionPoint(
+            full_name=[x509.UniformResourceIdentifier(crl_url)], relative_name=None, reasons=None,
+            crl_issuer=None)]), critical=False)
+    return b
 
 
 def _leaf_for(
@@ -148,6 +166,8 @@ def _leaf_for(
     not_before: dt.datetime,
     not_after: dt.datetime,
     eku: Sequence[str] | None,
+    ocsp_url: str | None = None,
+    crl_url: str | None = None,
 ) -> x509.Certificate:
     """An end-entity certificate for a public key (ours, or one from an integrator's request)."""
     b = (
@@ -165,7 +185,7 @@ def _leaf_for(
         except KeyError as exc:
             raise PKIError(f"unknown extended key usage {exc.args[0]!r} (use clientAuth or serverAuth)") from None
         b = b.add_extension(x509.ExtendedKeyUsage(usages), critical=False)
-    return b.sign(ca_key, hashes.SHA256())
+    return _revocation_pointers(b, ocsp_url, crl_url).sign(ca_key, hashes.SHA256())
 
 
 def make_client_cert(
@@ -177,14 +197,17 @@ def make_client_cert(
     not_after: dt.datetime,
     eku: Sequence[str] | None = ("clientAuth",),
     key: PrivateKey | None = None,
+    ocsp_url: str | None = None,
+    crl_url: str | None = None,
 ) -> tuple[x509.Certificate, PrivateKey]:
     """A client certificate "CN=NAME,O=gateway example" with SAN URI spiffe://gateway.example/NAME.
 
     `eku` is a tuple of "clientAuth"/"serverAuth", or None for no ExtendedKeyUsage
-    extension at all. The name is not checked here, so tests can make odd ones.
+    extension at all. `ocsp_url`/`crl_url` add AuthorityInformationAccess (OCSP) and
+    CRLDistributionPoints. The name is not checked here, so tests can make odd ones.
     """
     return _leaf(ca_cert, ca_key, _name(name), _client_sans(name), not_before=not_before, not_after=not_after,
-                 eku=eku, key=key)
+                 eku=eku, key=key, ocsp_url=ocsp_url, crl_url=crl_url)
 
 
 def _client_sans(name: str) -> list[x509.GeneralName]:
@@ -199,10 +222,40 @@ def make_client_cert_for(
     *,
     not_before: dt.datetime,
     not_after: dt.datetime,
+    ocsp_url: str | None = None,
+    crl_url: str | None = None,
 ) -> x509.Certificate:
     """The client certificate NAME for a public key whose private key stays with its holder (a CSR's)."""
     return _leaf_for(ca_cert, ca_key, _name(name), _client_sans(name), public_key, not_before=not_before,
-                     not_after=not_after, eku=("clientAuth",))
+                     not_after=not_after, eku=("clientAuth",), ocsp_url=ocsp_url, crl_url=crl_url)
+
+
+def make_ocsp_responder(
+    ca: tuple[x509.Certificate, PrivateKey],
+    not_before: dt.datetime,
+    not_after: dt.datetime,
+    eku_ocsp: bool = True,
+    *,
+    key: PrivateKey | None = None,
+) -> tuple[x509.Certificate, PrivateKey]:
+    """A delegated OCSP responder certificate issued by `ca` (cert, key), as RFC 6960 4.2.2.2 wants it:
+    extendedKeyUsage id-kp-OCSPSigning and id-pkix-ocsp-nocheck. With `eku_ocsp=False` it has no
+    extendedKeyUsage at all, the certificate a client must not accept responses from."""
+    ca_cert, ca_key = ca
+    key = key or new_key()
+    cns = ca_cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = f"{cns[0].value if cns else 'CA'} OCSP responder"[:64]
+    b = (
+        _builder(_name(cn), ca_cert.subject, key.public_key(), not_before, not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_key_usage(digital_signature=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(_aki(ca_cert), critical=False)
+    )
+    if eku_ocsp:
+        b = (b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.OCSP_SIGNING]), critical=False)
+             .add_extension(x509.OCSPNoCheck(), critical=False))
+    return b.sign(ca_key, hashes.SHA256()), key
 
 
 def make_server_cert(
