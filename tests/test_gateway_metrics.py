@@ -186,3 +186,19 @@ async def test_every_known_series_exists_from_the_first_scrape(running):
         assert present("gateway_config_reloads", "gateway_config_reloads_total", result=result)
     assert present("gateway_connections_refused", "gateway_connections_refused_total", reason="limit")
     assert value(families, "gateway_denied_total", client="crm", reason="operation_not_allowed") == 0
+
+
+def test_a_client_certificate_lifetime_is_the_soonest_in_use_until_a_renewal_has_taken_over():
+    from gateway.shell.metrics import CERTIFICATE_IN_USE_S, Metrics
+
+    m = Metrics()
+    m.init_clients(["crm"])
+    gauge = lambda: m.client_certificate_expiry.labels("crm")._value.get()  # noqa: E731
+    assert gauge() == float("inf")                      # not seen yet: no alert
+    m.client_certificate_seen("crm", "old", 1_000_000.0, now=0.0)
+    m.client_certificate_seen("crm", "new", 9_000_000.0, now=10.0)
+    assert gauge() == 1_000_000.0                       # both in use: the soonest
+    m.client_certificate_seen("crm", "new", 9_000_000.0, now=10.0 + CERTIFICATE_IN_USE_S + 1)
+    assert gauge() == 9_000_000.0                       # the old one unseen for a day: renewed
+    m.init_clients(["crm"])                             # a reload keeps what was seen
+    assert gauge() == 9_000_000.0

@@ -136,12 +136,24 @@ def test_check_finds_a_leftover_crl_and_a_ca_without_one(tmp_path, server_pki, p
 
 
 def test_check_warns_of_a_crl_due_soon(tmp_path, server_pki):
+    """Relative to the CRL's period: less than a quarter of it left, or 14 days, whichever comes later."""
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    stamp = "%Y%m%d%H%M%SZ"
     ca_dir = make_profile(tmp_path / "soon", "easy-rsa")
-    openssl("ca", "-config", "crl.cnf", "-gencrl", "-crldays", "3", "-keyfile", "ca.key", "-cert", "ca.crt",
+    # a CRL published for 30 days, 3 left: warned of
+    openssl("ca", "-config", "crl.cnf", "-gencrl", "-crl_lastupdate", (now - dt.timedelta(days=27)).strftime(stamp),
+            "-crl_nextupdate", (now + dt.timedelta(days=3)).strftime(stamp), "-keyfile", "ca.key", "-cert", "ca.crt",
             "-out", "crl.pem", cwd=ca_dir)
     _, warnings = check(str(config_for(tmp_path, server_pki, ca_dir, strict=False)))
     assert any("the CRL of CN=easy-rsa CA is due for renewal" in w for w in warnings), warnings
     assert not any("expires" in w and "easy-rsa" in w for w in warnings)  # the CA has 30 days left
+    # a CRL published for 3 days, just now (a short-lived CRL, as a weekly one is): 3 days left is not "soon"
+    openssl("ca", "-config", "crl.cnf", "-gencrl", "-crldays", "3", "-keyfile", "ca.key", "-cert", "ca.crt",
+            "-out", "crl.pem", cwd=ca_dir)
+    _, warnings = check(str(config_for(tmp_path, server_pki, ca_dir, strict=False)))
+    assert not any("is due for renewal" in w for w in warnings), warnings
 
 
 def test_check_says_an_expired_client_ca_is_a_problem(tmp_path, server_pki):

@@ -216,4 +216,6 @@ def record_of(ex: Any, now: float, duration_s: float) -> dict:
     }
     if ex.would_deny:
         record["would_deny"] = ex.would_deny
+    if ex.revocation:
+        record["revocation"] = ex.revocation
     return record

@@ -49,6 +49,7 @@ class Standing:
     fixed: CredentialProblem | None = None   # revoked, no CRL, or no longer trusted: no clock needed
     issuer: str | None = None         # DN of the CA of tls.client_ca that signed the leaf (RFC 4514); None when
                                       # its issuer is an intermediate the client presented: what match.issuer pins
+    chain: tuple[x509.Certificate, ...] = ()   # leaf first, up to the root: what online revocation looks up
 
     def problem(self, now: float) -> CredentialProblem | None:
         if self.fixed is not None:
@@ -96,7 +97,7 @@ class Trust:
         signer = chain[1] if len(chain) > 1 else None
         issuer = signer.subject.rfc4514_string() if signer is not None and any(signer is ca for ca in self.cas) else None
         if self.crl is None:
-            return Standing(not_before, not_after, issuer=issuer)
+            return Standing(not_before, not_after, issuer=issuer, chain=tuple(chain))
         checked = chain if self.crl_check == "chain" else chain[:1]
         due = math.inf
         for cert in checked:
@@ -109,7 +110,7 @@ class Trust:
             next_update = self.crl.next_update[issuer]
             if next_update is not None:
                 due = min(due, next_update)
-        return Standing(not_before, not_after, due, issuer=issuer)
+        return Standing(not_before, not_after, due, issuer=issuer, chain=tuple(chain))
 
     def _chain(self, leaf: x509.Certificate,
                presented: tuple[x509.Certificate, ...]) -> tuple[list[x509.Certificate], bool]:

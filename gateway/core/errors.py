@@ -27,6 +27,7 @@ class Reason(StrEnum):
     CRL_EXPIRED = "crl_expired"
     CRL_MISSING = "crl_missing"
     UNKNOWN_CA = "unknown_ca"
+    REVOCATION_UNAVAILABLE = "revocation_unavailable"   # tls.revocation could not learn a status (on_unavailable: deny)
     UNKNOWN_CLIENT = "unknown_client"
     # the request itself
     NO_OPERATION = "no_operation"
@@ -56,7 +57,8 @@ class Reason(StrEnum):
 
 # A certificate that no longer holds: the connection is closed, and the request is nobody's.
 CREDENTIAL_REASONS = frozenset({Reason.NO_CERTIFICATE, Reason.EXPIRED, Reason.NOT_YET_VALID, Reason.REVOKED,
-                                Reason.CRL_EXPIRED, Reason.CRL_MISSING, Reason.UNKNOWN_CA})
+                                Reason.CRL_EXPIRED, Reason.CRL_MISSING, Reason.UNKNOWN_CA,
+                                Reason.REVOCATION_UNAVAILABLE})
 
 # The denials report mode lets through (403/404 by policy): the labels of gateway_would_deny_total.
 POLICY_REASONS = (Reason.OPERATION_NOT_ALLOWED, Reason.SOLICITOR_NOT_ALLOWED, Reason.ORDER_NOT_VISIBLE,

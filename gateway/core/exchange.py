@@ -39,6 +39,8 @@ class Exchange:
     close: bool = False                # close the connection after this answer
     waiting: bool = False              # the client may hold its body back for 100 Continue
     limited: bool = False              # the rate limits have counted this request
+    revocation: str | None = None      # tls.revocation could not learn a status and let the request through
+    revocation_since: float | None = None   # when it started waiting for the statuses it lacked (clock time)
 
     def refused(self, status: int, code: Reason, reason: str) -> None:
         self.status, self.code, self.reason = status, code, reason

@@ -65,10 +65,14 @@ def build(cls: type, data: dict, file: str | Path, base: Path, prefix: str = "")
         if key not in fields:
             raise SettingsError(file, where, "unknown key")
         kwargs[key] = _convert(value, hints[key], fields[key].metadata, where, file, base)
-    # Relative defaults are relative to the file's folder too.
+    # Relative defaults are relative to the file's folder too, in a section left out as well.
     for f in keys(cls):
-        if f.name not in kwargs and hints[f.name] is Path and f.default is not dataclasses.MISSING:
+        if f.name in kwargs:
+            continue
+        if hints[f.name] is Path and f.default is not dataclasses.MISSING:
             kwargs[f.name] = base / f.default
+        elif dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = build(hints[f.name], {}, file, base, f"{prefix}.{f.name}" if prefix else f.name)
     return cls(**kwargs)
 
 
@@ -94,6 +98,8 @@ def _convert(value: Any, tp: Any, meta: dict, where: str, file: str | Path, base
     if tp in (int, float):
         return _number(value, tp, meta, where, file)
     if tp is str:
+        if value is False and "off" in meta.get("choices", ()):
+            value = "off"   # YAML 1.1 reads a bare `off` as false
         if not isinstance(value, str):
             raise SettingsError(file, where, "must be a string")
         if meta.get("choices") and value not in meta["choices"]:
@@ -195,6 +201,8 @@ def _scalar(tp: Any, meta: dict) -> dict:
         out = {"type": "string"}
         if meta.get("choices"):
             out["enum"] = list(meta["choices"])
+            if "off" in meta["choices"]:   # a bare `off` is false to YAML 1.1, and the loader takes it
+                out = {"type": ["string", "boolean"], "enum": [*meta["choices"], False]}
         if meta.get("pattern"):
             # the loader's fullmatch: `$(?!\n)` ends the string in ECMA-262 and in Python's re alike
             # (Python's `$` alone also matches before a final line break)

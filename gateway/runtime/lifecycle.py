@@ -78,7 +78,7 @@ async def start(config: Config, reuse_port: bool = False, worker: int | None = N
     snap = build_snapshot(config)
     metrics = Metrics()
     oplog.writer.on_drop = metrics.log_dropped.inc
-    metrics.set_expiry(snap.expiry)
+    metrics.set_expiry(snap.expiry, snap.crl_this_update)
     metrics.init_clients([p.client for p in snap.policies.policies])
     note_crl(snap.crl)
     stack = contextlib.AsyncExitStack()
@@ -185,8 +185,11 @@ def reload(running: Running, wait_for_files: bool = False) -> bool | None:
     running.config = config
     running.contexts.context = snap.tls_context  # new handshakes only; open connections keep theirs
     running.pipeline.gateway = gw.with_snapshot(snap)
-    gw.metrics.set_expiry(snap.expiry)
+    gw.metrics.set_expiry(snap.expiry, snap.crl_this_update)
     gw.metrics.init_clients([p.client for p in snap.policies.policies])
+    if gw.revocation is not None:
+        gw.revocation.use_cas(snap.trust.cas)
+        gw.revocation.publish()
     gw.metrics.config_reloads.labels("ok").inc()
     event("reload", result="ok", clients=[p.client for p in snap.policies.policies],
           revoked=len(snap.crl.revoked) if snap.crl else 0, **({"applied": applied} if applied else {}))

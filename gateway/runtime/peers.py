@@ -25,13 +25,15 @@ from gateway.shell.compat import presented_chain
 class Peer:
     """A connection's client certificate: parsed once, its standing rebuilt once per trust generation."""
 
-    __slots__ = ("identity", "cert", "presented", "handshake_context", "_trust", "_standing", "__weakref__")
+    __slots__ = ("identity", "cert", "presented", "handshake_context", "reported", "_trust", "_standing",
+                 "__weakref__")
 
     def __init__(self, der: bytes, chain: list[bytes], handshake_context: ssl.SSLContext | None):
         self.identity = identity_from_der(der)
         self.cert = x509.load_der_x509_certificate(der)
         self.presented = tuple(_parsed(chain[1:]))
         self.handshake_context = handshake_context
+        self.reported = None   # the policy whose client certificate metric this connection has set
         self._trust: Trust | None = None
         self._standing: Standing | None = None
 
@@ -86,9 +88,28 @@ def admit_peer(gw: Gateway, transport, ex: Exchange) -> Policy:
     policy, why = gw.policies.find(peer.identity, standing.issuer if standing is not None else None)
     if policy is not None:
         ex.client = policy.client  # named in the audit line and metrics even when refused below
+        if peer.reported is not policy:   # once a connection and policy: the client's certificate lifetime
+            peer.reported = policy
+            gw.metrics.client_certificate_seen(policy.client, peer.identity.fingerprint_sha256,
+                                               peer.cert.not_valid_after_utc.timestamp(), gw.clock())
     problem = standing.problem(gw.clock()) if standing is not None else None
     if problem is not None:
         raise Refusal(403, Reason(problem.code), problem.reason, close=True)
+    if gw.revocation is not None and standing is not None:
+        _check_revocation(gw, standing, ex)
     if policy is None:
         raise Refusal(403, Reason.UNKNOWN_CLIENT, why)
     return policy
+
+
+def _check_revocation(gw: Gateway, standing: Standing, ex: Exchange) -> None:
+    """tls.revocation: the OCSP answers and fetched CRLs known now (Pipeline fetched what was missing)."""
+    status = gw.revocation.status(standing.chain, ex.revocation_since)
+    if status.result == "revoked":
+        raise Refusal(403, Reason.REVOKED, status.reason, close=True)
+    if status.result == "unavailable":
+        if gw.config.tls.revocation.on_unavailable == "deny":
+            raise Refusal(403, Reason.REVOCATION_UNAVAILABLE,
+                          f"the client certificate's revocation status cannot be learnt now: {status.reason}",
+                          close=True)
+        ex.revocation = f"unavailable, let through (on_unavailable: allow): {status.reason}"

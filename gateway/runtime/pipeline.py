@@ -32,7 +32,7 @@ from gateway.core.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.core.problem import problem_bytes, slug_of
 from gateway.core.ratelimit import StorageError, limits_for, refused_limits
 from gateway.runtime.deadlines import Deadlines
-from gateway.runtime.peers import admit_peer
+from gateway.runtime.peers import admit_peer, peer_of
 from gateway.runtime.snapshot import Gateway
 from gateway.shell.audit_writer import AuditUnavailable
 from gateway.shell.body import CHUNK, Spool, anonymize_fields, form_fields
@@ -102,6 +102,9 @@ class Pipeline:
         deadline = self.deadlines.start(gw.config.limits.request_timeout_s)
         try:
             try:
+                if gw.revocation is not None:   # fetch what the identity check will need, if it is not known
+                    ex.revocation_since = gw.clock()
+                    await self._revocation_known(gw, request)
                 policy, rt, waits = self._admit(gw, request, ex)
                 verdict = await self._decide(gw, request, ex, policy, rt, waits, spool)
                 ex.decision, ex.would_deny = "allow", verdict.would_deny
@@ -252,6 +255,14 @@ class Pipeline:
         self._streamed(gw, ex)
 
     # -- identity, operation, the decision ----------------------------------------------
+
+    @staticmethod
+    async def _revocation_known(gw: Gateway, request: web.BaseRequest) -> None:
+        """tls.revocation: wait for the connection's OCSP answers and CRLs only when none usable is known."""
+        peer = peer_of(request.transport)
+        standing = peer.standing(gw) if peer is not None else None
+        if standing is not None and standing.fixed is None and standing.chain:
+            await gw.revocation.prepare(standing.chain)
 
     def _admit(self, gw: Gateway, request: web.BaseRequest, ex: Exchange) -> tuple[Policy, Route, bool]:
         """Identity, operation, expectation: in that order, for every request target.

@@ -22,6 +22,8 @@ from gateway.shell.settings import Config
 # Dotted keys (or whole sections) a reload applies.
 RELOADABLE = ("tls", "policies", "reload", "limits.max_body_bytes", "limits.request_timeout_s",
               "limits.drain_timeout_s", "rate_limit.on_storage_error")
+# ... except these, read once by long-lived services (the revocation fetcher and its cache)
+RESTART_ONLY = ("tls.revocation",)
 
 
 def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
@@ -36,7 +38,9 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _reloadable(key: str) -> bool:
-    return any(key == r or key.startswith(r + ".") for r in RELOADABLE)
+    def under(prefixes: tuple[str, ...]) -> bool:
+        return any(key == r or key.startswith(r + ".") for r in prefixes)
+    return under(RELOADABLE) and not under(RESTART_ONLY)
 
 
 def merge(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
@@ -48,8 +52,10 @@ def merge(running: Config, new: Config) -> tuple[Config, list[str], list[str]]:
     sections = {}
     for section in ("tls", "reload", "limits", "rate_limit"):
         old_part, new_part = getattr(running, section), getattr(new, section)
-        if section in ("tls", "reload"):
+        if section == "reload":
             sections[section] = new_part
+        elif section == "tls":   # all but its restart-only part
+            sections[section] = dataclasses.replace(new_part, revocation=old_part.revocation)
         else:
             sections[section] = dataclasses.replace(old_part, **{
                 f.name: getattr(new_part, f.name) for f in dataclasses.fields(old_part)

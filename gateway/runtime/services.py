@@ -19,6 +19,7 @@ from gateway.shell.audit_writer import AuditWriter, load_key, redaction_key
 from gateway.shell.limits import storage_from_url
 from gateway.shell.metrics import Metrics
 from gateway.shell.orders import Orders
+from gateway.shell.revocation import RevocationChecker
 from gateway.shell.settings import Config
 from gateway.shell.token import TokenIssuer, configured_key
 from gateway.shell.upstream import Upstream
@@ -80,7 +81,13 @@ async def open_services(stack: contextlib.AsyncExitStack, snap: Snapshot, metric
     audit = audit_writer(config, metrics, worker)
     await audit.start()
     stack.push_async_callback(audit.close)
+    revocation = None
+    if config.tls.revocation.enabled:
+        revocation = RevocationChecker(config.tls.revocation, config.tls.crl_check, metrics, clock)
+        metrics.init_revocation()
+        stack.push_async_callback(revocation.close)
+        await revocation.start(snap.trust.cas)
     gateway = Gateway(config=config, policies=snap.policies, upstream=upstream, orders=Orders(upstream),
                       tokens=tokens, metrics=metrics, audit=audit, limiter=limiter, trust=snap.trust,
-                      tls_context=snap.tls_context, clock=clock)
+                      tls_context=snap.tls_context, clock=clock, revocation=revocation)
     return gateway, reference

@@ -23,6 +23,7 @@ from gateway.shell.audit_writer import AuditWriter
 from gateway.shell.limits import Storage
 from gateway.shell.metrics import Metrics
 from gateway.shell.orders import Orders
+from gateway.shell.revocation import RevocationChecker
 from gateway.shell.settings import Config, load_policies
 from gateway.shell.tls import CRLFacts, check_crl, expiry, load_trust, server_context
 from gateway.shell.token import TokenIssuer
@@ -39,6 +40,7 @@ class Snapshot:
     trust: Trust
     policies: PolicySet
     expiry: dict[str, float]
+    crl_this_update: dict[str, float]   # the CRL labels of `expiry` -> their lastUpdate
 
 
 def build_snapshot(config: Config) -> Snapshot:
@@ -54,10 +56,10 @@ def build_snapshot(config: Config) -> Snapshot:
         ctx = server_context(config)
         trust = load_trust(config, crl)
         policies = load_policies(config.policies)
-        times = expiry(config).times
+        due = expiry(config)
     except (OSError, ValueError, UnsupportedAlgorithm) as exc:
         raise SettingsError(config.file, "tls", str(exc) or type(exc).__name__) from None
-    return Snapshot(config, ctx, crl, trust, policies, times)
+    return Snapshot(config, ctx, crl, trust, policies, due.times, due.crl_this_update)
 
 
 @dataclass
@@ -75,6 +77,7 @@ class Gateway:
     trust: Trust | None = None                 # client CAs and CRLs in force: checked on every request
     tls_context: ssl.SSLContext | None = None  # the context new handshakes get (the trust's generation)
     clock: Callable[[], float] = time.time
+    revocation: RevocationChecker | None = None  # tls.revocation: OCSP answers and fetched CRLs, per request
 
     def with_snapshot(self, snap: Snapshot) -> "Gateway":
         from dataclasses import replace

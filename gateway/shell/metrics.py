@@ -23,6 +23,7 @@ HANDSHAKE_REASONS = ("no_certificate", "unknown_ca", "expired", "not_yet_valid",
 # and that doubles what a scrape carries.
 disable_created_metrics()
 
+CERTIFICATE_IN_USE_S = 86400.0   # a client certificate not presented for this long is no longer "in use"
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -50,6 +51,18 @@ class Metrics:
         self.certificate_expiry = Gauge("gateway_certificate_expiry_timestamp_seconds",
                                         "When a certificate, or the CRL's next update, is due (UNIX time)",
                                         ["certificate"], registry=r, multiprocess_mode="livemax")
+        self.crl_this_update = Gauge("gateway_crl_this_update_timestamp_seconds",
+                                     "lastUpdate of a CRL whose nextUpdate is in gateway_certificate_expiry_timestamp"
+                                     "_seconds (same label): the alert warns relative to the CRL's period",
+                                     ["certificate"], registry=r, multiprocess_mode="livemax")
+        self.revocation_checks = Counter("gateway_revocation_checks_total",
+                                         "Online revocation checks (OCSP answers, fetched CRLs) by result",
+                                         ["method", "result"], registry=r)
+        self.client_certificate_expiry = Gauge(
+            "gateway_client_certificate_expiry_timestamp_seconds",
+            "notAfter of the certificate each client presented last (the soonest of those in use); +Inf until seen",
+            ["client"], registry=r, multiprocess_mode="livemin")
+        self._client_certs: dict[str, dict[str, tuple[float, float]]] = {}   # client -> fingerprint -> (end, seen)
         self.audit_records = Counter("gateway_audit_records_total", "Audit records written", registry=r)
         self.audit_dropped = Counter("gateway_audit_records_dropped_total",
                                      "Audit records dropped because too many were waiting to be written",
@@ -110,11 +123,36 @@ class Metrics:
             self.handshake_failures.labels(reason)
         for result in ("ok", "error"):
             self.config_reloads.labels(result)
+        for client in clients:
+            if client not in self._client_certs:
+                self.client_certificate_expiry.labels(client).set(float("inf"))
 
-    def set_expiry(self, times: dict[str, float]) -> None:
+    def init_revocation(self) -> None:
+        for method in ("ocsp", "crl_fetch"):
+            for result in ("good", "revoked", "unavailable", "error"):
+                self.revocation_checks.labels(method, result)
+
+    def client_certificate_seen(self, client: str, fingerprint: str, not_after: float, now: float) -> None:
+        """A connection of `client` with this certificate: the gauge is the soonest end among the
+        certificates it used within a day (a renewed certificate replaces the old one a day later)."""
+        seen = self._client_certs.setdefault(client, {})
+        seen[fingerprint] = (not_after, now)
+        for fp in [fp for fp, (_, last) in seen.items() if now - last > CERTIFICATE_IN_USE_S]:
+            del seen[fp]
+        self.client_certificate_expiry.labels(client).set(min(end for end, _ in seen.values()))
+
+    def set_expiry(self, times: dict[str, float], crl_this_update: dict[str, float] | None = None) -> None:
         self.certificate_expiry.clear()
+        self.crl_this_update.clear()
         for name, ts in times.items():
             self.certificate_expiry.labels(name).set(ts)
+        for name, ts in (crl_this_update or {}).items():
+            self.crl_this_update.labels(name).set(ts)
+
+    def set_crl(self, name: str, this_update: float, next_update: float) -> None:
+        """A fetched CRL's period, under the label `name`."""
+        self.certificate_expiry.labels(name).set(next_update)
+        self.crl_this_update.labels(name).set(this_update)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -45,6 +45,32 @@ class Admin:
 
 
 @dataclass(frozen=True)
+class Revocation:
+    """Online revocation: OCSP, and CRLs fetched from their distribution points (besides or instead of tls.crl)."""
+
+    ocsp: str = setting("off", "leaf | chain: ask the OCSP responder named in each certificate's AIA (or ocsp_url) "
+                               "and refuse what it says is revoked", choices=("off", "leaf", "chain"))
+    ocsp_url: str | None = setting(None, "one OCSP responder for all, overriding the certificates' AIA",
+                                   pattern=r"https?://\S+", pattern_message="must be an http:// or https:// URL")
+    ocsp_max_age_s: float = setting(300.0, "a good answer is reused at most this long (and never past its "
+                                           "nextUpdate)")
+    crl_fetch: bool = setting(False, "fetch CRLs from the CRL distribution points of the certificates (or "
+                                     "crl_urls), verify them, keep the last good one")
+    crl_urls: tuple[str, ...] = setting(factory=tuple, doc="CRLs to fetch besides the certificates' distribution "
+                                                           "points (http:// URLs of DER or PEM CRLs)")
+    refresh_s: float = setting(300.0, "refetch CRLs this often, and at once when the CRL in force passes its "
+                                      "nextUpdate")
+    cache_dir: Path = setting(Path("data/revocation"), "the last good CRLs and OCSP answers, kept across restarts")
+    on_unavailable: str = setting("deny", "when no fresh status can be had (responder down, CRL unreachable and "
+                                          "stale): deny (403) or allow (the audit line says so)",
+                                  choices=("deny", "allow"))
+
+    @property
+    def enabled(self) -> bool:
+        return self.ocsp != "off" or self.crl_fetch
+
+
+@dataclass(frozen=True)
 class TLS:
     """The front door's certificate and the client certificates it accepts (reloaded on change)."""
 
@@ -58,6 +84,7 @@ class TLS:
                              choices=("leaf", "chain"))
     min_version: str = setting("TLSv1.2", "the oldest TLS version accepted", choices=("TLSv1.2", "TLSv1.3"))
     x509_strict: bool = setting(False, "also refuse certificates that break RFC 5280's encoding rules")
+    revocation: Revocation = setting(factory=Revocation)
 
 
 @dataclass(frozen=True)

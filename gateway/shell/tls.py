@@ -33,6 +33,11 @@ class Expiry:
     """Expiry facts for metrics: certificate label -> UNIX time."""
 
     times: dict[str, float]
+    crl_this_update: dict[str, float] = None   # CRL label -> its lastUpdate: CRL warnings are relative to the period
+
+    def __post_init__(self) -> None:
+        if self.crl_this_update is None:
+            object.__setattr__(self, "crl_this_update", {})
 
 
 def _need(config: Config, key: str) -> Path:
@@ -184,6 +189,10 @@ def expiry(config: Config) -> Expiry:
             facts = None
         if facts is not None and facts.next_update is not None:
             times["crl_next_update"] = facts.next_update
+            due = [c for c in load_crls(Path(tls.crl), strict=False)
+                   if c.next_update_utc is not None and c.next_update_utc.timestamp() == facts.next_update]
+            if due:
+                return Expiry(times, {"crl_next_update": due[0].last_update_utc.timestamp()})
     return Expiry(times)
 
 

@@ -15,6 +15,7 @@ from gateway.shell.audit_writer import load_key
 from gateway.core.errors import SettingsError
 from gateway.core.overlaps import find_possible_overlaps
 from gateway.core.policy import Policy
+from gateway.core.revocation import crl_warn_at
 from gateway.shell.keys import readable_by_others
 from gateway.shell.limits import storage_from_url
 from gateway.shell.settings import Config, load_config, read_policies
@@ -155,7 +156,8 @@ def _trust(config: Config, now: float) -> tuple[list[str], list[str]]:
         if not any(_issued_by(crl, ca) for ca in cas):
             problems.append(f"{where}: tls.crl: the CRL of {issuer} was issued by no CA in tls.client_ca "
                             "(a leftover?): it vouches for no client")
-        elif due is not None and now <= due.timestamp() < soon:
+        elif due is not None and now <= due.timestamp() and \
+                now >= crl_warn_at(crl.last_update_utc.timestamp(), due.timestamp()):
             warnings.append(f"{where}: tls.crl: the CRL of {issuer} is due for renewal by {due:%Y-%m-%d %H:%M} UTC; "
                             "past it every client of that CA is refused")
     if tls.crl is not None and crls:
