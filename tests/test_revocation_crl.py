@@ -99,10 +99,10 @@ def test_a_fetched_crl_is_taken_only_from_its_ca_current_and_not_going_backwards
     root = pki.load_ca(test_pki.dir)
     other = pki.make_ca("Other CA", not_before=NOW - DAY, not_after=NOW + 30 * DAY)
     now = time.time()
-    good, why = accept_crl(crl_der(root, 5, [7]), [root[0]], None, now)
+    good, why = accept_crl(crl_der(root, 5, [7]), [root[0]], lambda key: None, now)
     assert isinstance(good, FetchedCRL) and good.revoked == {7} and good.number == 5, why
     pem = x509.load_der_x509_crl(crl_der(root, 5)).public_bytes(Encoding.PEM)
-    assert accept_crl(pem, [root[0]], None, now)[0] is not None
+    assert accept_crl(pem, [root[0]], lambda key: None, now)[0] is not None
     impostor = pki.make_crl(root[0], other[1], number=9, last_update=NOW - DAY,
                             next_update=NOW + DAY).public_bytes(Encoding.DER)   # the root's name, another key
     cases = {
@@ -113,8 +113,54 @@ def test_a_fetched_crl_is_taken_only_from_its_ca_current_and_not_going_backwards
         "not a CRL": b"<html>not found</html>",
     }
     for words, data in cases.items():
-        taken, why = accept_crl(data, [root[0], other[0]] if "no CA" not in words else [root[0]], good, now)
+        taken, why = accept_crl(data, [root[0], other[0]] if "no CA" not in words else [root[0]],
+                                {(good.issuer, good.issuer_key): good}.get, now)
         assert taken is None and words in why, (words, why)
+
+
+def test_a_delta_or_partitioned_crl_is_not_taken_for_a_complete_one(test_pki):
+    root = pki.load_ca(test_pki.dir)
+
+    def crl_with(extension) -> bytes:
+        b = (x509.CertificateRevocationListBuilder().issuer_name(root[0].subject).last_update(NOW - DAY)
+             .next_update(NOW + DAY).add_extension(x509.CRLNumber(3), critical=False)
+             .add_extension(extension, critical=True))
+        from cryptography.hazmat.primitives import hashes
+        return b.sign(root[1], hashes.SHA256()).public_bytes(Encoding.DER)
+
+    delta = crl_with(x509.DeltaCRLIndicator(2))
+    users_only = crl_with(x509.IssuingDistributionPoint(
+        full_name=None, relative_name=None, only_contains_user_certs=True, only_contains_ca_certs=False,
+        only_some_reasons=None, indirect_crl=False, only_contains_attribute_certs=False))
+    for data, words in ((delta, "a delta CRL"), (users_only, "partitioned")):
+        taken, why = accept_crl(data, [root[0]], lambda key: None, time.time())
+        assert taken is None and words in why, why
+
+
+def test_what_a_crl_or_an_answer_revoked_stays_revoked_and_chains_are_kept_apart_by_ca(test_pki):
+    from gateway.core.revocation import CachedAnswer, answer_key, chain_status, crl_key
+
+    root = pki.load_ca(test_pki.dir)
+    twin = pki.make_ca("gateway example CA", not_before=NOW - DAY, not_after=NOW + 30 * DAY)  # same name
+    leaf = x509.load_pem_x509_certificate(test_pki.client("crm")[0].read_bytes())
+    now = time.time()
+    stale = FetchedCRL(root[0].subject.rfc4514_string(), "k", 1, now - 10 * 86400, now - 86400,
+                       frozenset({leaf.serial_number}), b"")
+    crls = {crl_key(leaf, root[0]): stale}
+    status = chain_status((leaf, root[0]), now, ocsp="off", max_age_s=300, answers={}, crl_fetch=True,
+                          crl_check="leaf", crls=crls)
+    assert status.result == "revoked"                       # the CRL went stale: the revocation did not
+    # the same serial under another CA of the same name is not covered by this CA's CRL
+    other = chain_status((leaf, twin[0]), now, ocsp="off", max_age_s=300, answers={}, crl_fetch=True,
+                         crl_check="leaf", crls=crls)
+    assert other.result == "unavailable"
+    old_revoked = {answer_key(leaf, root[0]): CachedAnswer("revoked", now - 86400, now - 3600)}
+    assert chain_status((leaf, root[0]), now, ocsp="leaf", max_age_s=300, answers=old_revoked, crl_fetch=False,
+                        crl_check="leaf", crls={}).result == "revoked"
+    # a resumed session shows the leaf alone: nothing to look up by, so never "good"
+    good = {answer_key(leaf, root[0]): CachedAnswer("good", now, now + 3600)}
+    assert chain_status((leaf,), now, ocsp="leaf", max_age_s=300, answers=good, crl_fetch=False,
+                        crl_check="leaf", crls={}).result == "unavailable"
 
 
 def test_crl_warnings_are_relative_to_the_crl_period():

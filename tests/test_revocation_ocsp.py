@@ -199,3 +199,43 @@ async def test_a_good_answer_is_kept_across_a_restart_with_the_responder_down(tm
     assert status == 200, body
     assert value(families, "gateway_revocation_checks_total", method="ocsp", result="unavailable") == 0
     assert list((tmp_path / "revocation").glob("ocsp-*.der"))
+
+
+async def test_an_old_good_answer_without_next_update_is_not_taken_as_fresh(tmp_path, test_pki, recorder_url,
+                                                                            recorder, responder):
+    """An answer that states no nextUpdate is as old as its thisUpdate: a day-old "good", replayed by
+    someone on the way to a plain-HTTP responder, is refused, however fresh its delivery."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.x509 import ocsp
+
+    root = pki.load_ca(test_pki.dir)
+    cert, files = client_files(tmp_path, responder)
+    then = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=1)
+    old = (ocsp.OCSPResponseBuilder()
+           .add_response(cert=cert, issuer=root[0], algorithm=hashes.SHA1(), cert_status=ocsp.OCSPCertStatus.GOOD,
+                         this_update=then, next_update=None, revocation_time=None, revocation_reason=None)
+           .responder_id(ocsp.OCSPResponderEncoding.HASH, root[0])
+           .sign(root[1], hashes.SHA256()).public_bytes(serialization.Encoding.DER))
+
+    async def replay(request: web.Request) -> web.Response:
+        return web.Response(body=old, content_type="application/ocsp-response")
+
+    app = web.Application()
+    app.router.add_post("/", replay)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    config = config_for(tmp_path, test_pki, recorder_url, ocsp_url=f"http://127.0.0.1:{port}/")
+    try:
+        async with gateway_running(config) as (url, running):
+            async with session(test_pki, files) as s:
+                status, body = await get(s, url + STATE)
+            families = await scrape(running.config.admin)
+    finally:
+        await runner.cleanup()
+    assert status == 403, body
+    assert value(families, "gateway_revocation_checks_total", method="ocsp", result="error") == 1
+    assert recorder.seen == []

@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
@@ -32,6 +32,7 @@ class FetchedCRL:
     """A CRL taken from a distribution point: what the per-request check needs of it."""
 
     issuer: str                     # RFC 4514
+    issuer_key: str                 # the key id of the CA whose key verified it: CRLs are kept by CA, not name
     number: int | None              # CRLNumber
     this_update: float
     next_update: float | None
@@ -45,19 +46,25 @@ class FetchedCRL:
 SKEW_S = 300.0   # clocks differ: a CRL or answer issued a little "in the future" is still taken
 
 
-def accept_crl(data: bytes, cas: Iterable[x509.Certificate], in_force: FetchedCRL | None,
-               now: float) -> tuple[FetchedCRL | None, str]:
-    """The CRL in `data` (DER or PEM) if it may be taken, else None; and why, in words for the log."""
+def accept_crl(data: bytes, cas: Iterable[x509.Certificate],
+               in_force_of: Callable[[tuple[str, str]], FetchedCRL | None], now: float) -> tuple[FetchedCRL | None, str]:
+    """The CRL in `data` (DER or PEM) if it may be taken, else None; and why, in words for the log.
+
+    `in_force_of(crl_key)` is the CRL in force for that CA (by name and key id), if any."""
     try:
         crl = x509.load_der_x509_crl(data) if not data.lstrip().startswith(b"-----") else x509.load_pem_x509_crl(data)
+        extensions = crl.extensions
     except ValueError:
-        return None, "not a CRL (neither DER nor PEM)"
+        return None, "not a CRL (neither DER nor PEM), or one whose extensions do not parse"
     issuer = crl.issuer.rfc4514_string()
-    signers = [ca for ca in cas if ca.subject == crl.issuer]
-    if not signers:
+    signers = [ca for ca in cas if ca.subject == crl.issuer and _signed_by(crl, ca)]
+    if not [ca for ca in cas if ca.subject == crl.issuer]:
         return None, f"issued by {issuer}, which is no CA of tls.client_ca"
-    if not any(_signed_by(crl, ca) for ca in signers):
+    if not signers:
         return None, f"its signature does not verify with the key of {issuer}"
+    scope = _partial_scope(extensions)
+    if scope:
+        return None, f"{scope}: only a complete CRL is taken"
     this_update = crl.last_update_utc.timestamp()
     next_update = crl.next_update_utc.timestamp() if crl.next_update_utc is not None else None
     if this_update > now + SKEW_S:
@@ -65,16 +72,38 @@ def accept_crl(data: bytes, cas: Iterable[x509.Certificate], in_force: FetchedCR
     if next_update is not None and next_update < now:
         return None, "stale: past its nextUpdate"
     try:
-        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+        number = extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     except x509.ExtensionNotFound:
         number = None
+    key = (issuer, key_id(signers[0]))
+    in_force = in_force_of(key)
     if in_force is not None and in_force.number is not None and (number is None or number < in_force.number):
         return None, f"its CRLNumber {number} is lower than the {in_force.number} in force"
     if in_force is not None and in_force.number is None and this_update < in_force.this_update:
         return None, "older than the CRL in force"
-    fetched = FetchedCRL(issuer, number, this_update, next_update, frozenset(r.serial_number for r in crl),
+    fetched = FetchedCRL(issuer, key[1], number, this_update, next_update, frozenset(r.serial_number for r in crl),
                          crl.public_bytes(_DER))
     return fetched, "taken"
+
+
+_KNOWN_CRL_EXTENSIONS = {x509.CRLNumber.oid, x509.AuthorityKeyIdentifier.oid, x509.IssuingDistributionPoint.oid,
+                         x509.DeltaCRLIndicator.oid}
+
+
+def _partial_scope(extensions: x509.Extensions) -> str | None:
+    """Why a CRL covers less than every certificate of its CA (RFC 5280 6.3.3), or None: a delta CRL, an
+    issuing distribution point that limits its scope, or a critical extension not understood here."""
+    for ext in extensions:
+        if ext.oid == x509.DeltaCRLIndicator.oid:
+            return "a delta CRL"
+        if ext.oid == x509.IssuingDistributionPoint.oid:
+            idp = ext.value
+            if (idp.only_contains_user_certs or idp.only_contains_ca_certs or idp.only_contains_attribute_certs
+                    or idp.only_some_reasons or idp.indirect_crl):
+                return "a CRL partitioned by its issuing distribution point"
+        elif ext.critical and ext.oid not in _KNOWN_CRL_EXTENSIONS:
+            return f"a critical extension not understood ({ext.oid.dotted_string})"
+    return None
 
 
 def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
@@ -99,9 +128,11 @@ class CachedAnswer:
     def usable(self, now: float, max_age_s: float, since: float | None = None) -> bool:
         """Whether to go by this answer now: younger than max_age_s when the request began (`since`;
         one it waited for is younger still), and never past its nextUpdate; a revocation does not lapse."""
+        if self.status == REVOKED:   # a certificate revoked once stays revoked, whatever the answer's age
+            return True
         if self.next_update is not None and now > self.next_update:
             return False
-        return self.status == REVOKED or (now if since is None else since) - self.fetched_at < max_age_s
+        return (now if since is None else since) - self.fetched_at < max_age_s
 
 
 @dataclass(frozen=True)
@@ -129,43 +160,54 @@ def to_check(chain: tuple[x509.Certificate, ...], scope: str) -> list[tuple[x509
 
 def chain_status(chain: tuple[x509.Certificate, ...], now: float, *, ocsp: str, max_age_s: float,
                  answers: Mapping[tuple[str, int], CachedAnswer], crl_fetch: bool, crl_check: str,
-                 crls: Mapping[str, FetchedCRL], since: float | None = None) -> Status:
+                 crls: Mapping[tuple[str, str], FetchedCRL], since: float | None = None) -> Status:
     """The chain's status from the answers and CRLs known now (no I/O: the shell fetched them).
 
     `since`: when the request began; answers are aged as of then, so that one current when the request
-    began, or fetched while it waited, holds for the whole request."""
+    began, or fetched while it waited, holds for the whole request. A serial a CRL lists stays revoked
+    when that CRL goes stale; a chain known only in part (a resumed session) cannot be looked up."""
     missing: list[str] = []
-    if ocsp != "off":
-        for cert, issuer in to_check(chain, ocsp):
-            answer = answers.get(answer_key(cert, issuer))
+    for scope, method in ((ocsp, "OCSP"), (crl_check if crl_fetch else "off", "CRL")):
+        if scope == "off":
+            continue
+        if len(chain) < 2 or (scope == "chain" and chain[-1].subject != chain[-1].issuer):
+            missing.append(f"the certificate chain is not known in full for {method}")
+            continue
+        for cert, issuer in to_check(chain, scope):
             what = _what(cert, chain)
-            if answer is None or not answer.usable(now, max_age_s, since):
-                missing.append(f"no current OCSP answer for {what}")
-            elif answer.status == REVOKED:
-                return Status(REVOKED, f"the OCSP responder says the {what} has been revoked")
-            elif answer.status != GOOD:
-                missing.append(f"the OCSP responder does not know the {what}")
-    if crl_fetch:
-        for cert, issuer in to_check(chain, crl_check):
-            crl = crls.get(cert.issuer.rfc4514_string())
-            what = _what(cert, chain)
-            if crl is None or not crl.current(now):
-                missing.append(f"no current CRL of {cert.issuer.rfc4514_string()}")
-            elif cert.serial_number in crl.revoked:
-                return Status(REVOKED, f"the {what} has been revoked (on the CRL fetched from its issuer)")
+            if method == "OCSP":
+                answer = answers.get(answer_key(cert, issuer))
+                if answer is None or not answer.usable(now, max_age_s, since):
+                    missing.append(f"no current OCSP answer for the {what}")
+                elif answer.status == REVOKED:
+                    return Status(REVOKED, f"the OCSP responder says the {what} has been revoked")
+                elif answer.status != GOOD:
+                    missing.append(f"the OCSP responder does not know the {what}")
+            else:
+                crl = crls.get(crl_key(cert, issuer))
+                if crl is not None and cert.serial_number in crl.revoked:
+                    return Status(REVOKED, f"the {what} has been revoked (on the CRL fetched from its issuer)")
+                if crl is None or not crl.current(now):
+                    missing.append(f"no current CRL of {cert.issuer.rfc4514_string()}")
     if missing:
         return Status(UNAVAILABLE, "; ".join(missing))
     return Status(GOOD)
 
 
+def crl_key(cert: x509.Certificate, issuer: x509.Certificate) -> tuple[str, str]:
+    """The CRL that covers `cert`: its issuer's, by name and key (a CA renewed under the same name with a
+    new key publishes CRLs of its own)."""
+    return cert.issuer.rfc4514_string(), key_id(issuer)
+
+
 def answer_key(cert: x509.Certificate, issuer: x509.Certificate) -> tuple[str, int]:
     """Answers are kept by the issuer's key and the serial: one certificate, whichever connection presents
     it (by key, not name: two CAs of one name must not share answers)."""
-    return _key_id(issuer), cert.serial_number
+    return key_id(issuer), cert.serial_number
 
 
 @functools.lru_cache(maxsize=256)
-def _key_id(issuer: x509.Certificate) -> str:
+def key_id(issuer: x509.Certificate) -> str:
     return hashlib.sha256(issuer.public_key().public_bytes(_DER, PublicFormat.SubjectPublicKeyInfo)).hexdigest()
 
 

@@ -188,7 +188,7 @@ def reload(running: Running, wait_for_files: bool = False) -> bool | None:
     gw.metrics.set_expiry(snap.expiry, snap.crl_this_update)
     gw.metrics.init_clients([p.client for p in snap.policies.policies])
     if gw.revocation is not None:
-        gw.revocation.use_cas(snap.trust.cas)
+        gw.revocation.use_cas(snap.trust.cas, snap.config.tls.crl_check)
         gw.revocation.publish()
     gw.metrics.config_reloads.labels("ok").inc()
     event("reload", result="ok", clients=[p.client for p in snap.policies.policies],

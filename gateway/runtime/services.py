@@ -83,10 +83,10 @@ async def open_services(stack: contextlib.AsyncExitStack, snap: Snapshot, metric
     stack.push_async_callback(audit.close)
     revocation = None
     if config.tls.revocation.enabled:
-        revocation = RevocationChecker(config.tls.revocation, config.tls.crl_check, metrics, clock)
+        revocation = RevocationChecker(config.tls.revocation, metrics, clock)
         metrics.init_revocation()
         stack.push_async_callback(revocation.close)
-        await revocation.start(snap.trust.cas)
+        await revocation.start(snap.trust.cas, config.tls.crl_check)
     gateway = Gateway(config=config, policies=snap.policies, upstream=upstream, orders=Orders(upstream),
                       tokens=tokens, metrics=metrics, audit=audit, limiter=limiter, trust=snap.trust,
                       tls_context=snap.tls_context, clock=clock, revocation=revocation)
