@@ -32,6 +32,19 @@ def test_asyncio_ssl_protocol_hooks_of_tls_listener():
     assert "self._sslobj" in inspect.getsource(sslproto.SSLProtocol._do_handshake)
 
 
+def test_asyncio_ssl_protocol_names_of_the_proxy_protocol_reader():
+    """listen.proxy_protocol: the header is read before the base class's connection_made starts the handshake,
+    and the client address it carries is put in the extras the app transport's get_extra_info reads first."""
+    init = inspect.getsource(sslproto.SSLProtocol.__init__)
+    for name in ("self._extra", "self._loop", "self._ssl_handshake_timeout", "self._transport"):
+        assert name in init, name
+    assert "self._extra" in inspect.getsource(sslproto.SSLProtocol._get_extra_info)
+    assert "_ssl_protocol._get_extra_info" in inspect.getsource(sslproto._SSLProtocolTransport.get_extra_info)
+    assert "self._start_handshake()" in inspect.getsource(sslproto.SSLProtocol.connection_made)
+    assert "self._on_handshake_complete(ConnectionResetError)" in inspect.getsource(sslproto.SSLProtocol.eof_received)
+    assert "self._ssl_buffer_view[:nbytes]" in inspect.getsource(sslproto.SSLProtocol.buffer_updated)
+
+
 def test_aiohttp_request_handler_error_hook():
     params = inspect.signature(RequestHandler.handle_error).parameters
     assert list(params) == ["self", "request", "status", "exc", "message"]

@@ -96,7 +96,7 @@ async def test_connections_past_the_limit_are_closed_at_once_and_counted(tmp_pat
                 families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
         refused = {tuple(x.labels.items()): x.value for x in families["gateway_connections_refused"].samples
                    if x.name.endswith("_total")}
-        assert refused == {(("reason", "limit"),): 1.0}
+        assert refused == {(("reason", "limit"),): 1.0, (("reason", "proxy_protocol"),): 0.0}
         assert families["gateway_connections_open"].samples[0].value == 3
         held.pop().close()
         for _ in range(100):  # the freed slot is usable once the gateway has seen the close

@@ -29,7 +29,7 @@ from gateway.runtime.snapshot import Gateway, build_snapshot
 from gateway.runtime.workers import READY_EVERY_S, write_readiness
 from gateway.shell import compat  # noqa: F401  (no software versions in any answer)
 from gateway.shell import oplog
-from gateway.shell.listener import ConnectionGate, ContextHolder, TLSSite
+from gateway.shell.listener import ConnectionGate, ContextHolder, ProxyGate, TLSSite
 from gateway.shell.metrics import Metrics
 from gateway.shell.oplog import SUMMARY_INTERVAL_S, Summary, event, use_for_logging
 from gateway.shell.settings import Config, load_config
@@ -132,8 +132,15 @@ async def _open_front_door(stack: contextlib.AsyncExitStack, running: Running, m
 
     gate = ConnectionGate(config.limits.max_connections, on_count=metrics.connections_open.set,
                           on_refused=metrics.connections_refused.labels("limit").inc)
+    proxy = None
+    if config.listen.proxy_protocol:
+        def on_proxy_refused(why: str, peer: str | None) -> None:
+            metrics.connections_refused.labels("proxy_protocol").inc()
+            event("proxy_protocol_refused", peer=peer, detail=why)
+
+        proxy = ProxyGate(config.listen.trusted_proxies, on_proxy_refused)
     await TLSSite(runner, config.listen.host, config.listen.port, running.contexts, config.limits.header_timeout_s,
-                  on_failure, gate, reuse_port=reuse_port).start()
+                  on_failure, gate, reuse_port=reuse_port, proxy=proxy).start()
 
 
 async def _summaries(running: Running) -> None:

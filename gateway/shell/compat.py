@@ -17,6 +17,8 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_parser import HttpResponseParser
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
+from gateway.core.proxy_protocol import Header, ProxyHeaderError, Reader
+
 # aiohttp adds `Server: Python/3.x aiohttp/3.y` to every answer that has none
 # (StreamResponse._prepare_headers reads this module global at send time). Software
 # versions tell an attacker which advisories to try, so every server in this process
@@ -56,6 +58,11 @@ def presented_chain(ssl_object: ssl.SSLObject) -> list[bytes]:
 # get_buffer, recv_into and buffer_updated in one go, and buffer_updated copies the bytes into
 # the connection's MemoryBIO at once, so no connection holds the buffer between reads), and
 # lets a gate refuse a connection before its handshake starts.
+#
+# Behind a TCP load balancer (listen.proxy_protocol), the connection's first bytes are a PROXY
+# header: they are read before any byte reaches OpenSSL's MemoryBIO (the base class's handshake
+# starts only once the header is whole), under the handshake's time limit, and the client address
+# it carries becomes the "peername" extra (the balancer's stays as "proxy_peer").
 
 SOCKET_READ_BYTES = 256 * 1024
 _per_thread = threading.local()
@@ -76,24 +83,80 @@ class GatedSSLProtocol(sslproto.SSLProtocol):
     max_size = 32 * 1024
 
     def __init__(self, *args, on_failure: Callable[[BaseException, bytes | None], None],
-                 admit: Callable[[], bool], release: Callable[[], None], **kwargs):
+                 admit: Callable[[], bool], release: Callable[[], None], proxy=None, **kwargs):
         super().__init__(*args, **kwargs)
         self._ssl_buffer = self._ssl_buffer_view = None
         self._on_failure, self._admit, self._release = on_failure, admit, release
         self._admitted = False
+        # proxy: None, or what listener.ProxyGate offers: trusts(peername) -> bool, refused(why, peername)
+        self._proxy, self._proxy_reader, self._proxy_timer = proxy, None, None
+        self._tls_bytes = False
 
     def get_buffer(self, n):
         self._ssl_buffer_view = _shared_read_buffer()
         return self._ssl_buffer_view
 
     def connection_made(self, transport):
+        if self._proxy is not None and not self._proxy.trusts(transport.get_extra_info("peername")):
+            self._proxy.refused("not from an address in listen.trusted_proxies", transport.get_extra_info("peername"))
+            transport.abort()  # closed at once, before any handshake
+            return
         if not self._admit():
             transport.abort()  # past limits.max_connections: closed at once, before any handshake
             return
         self._admitted = True
+        if self._proxy is not None:
+            self._transport, self._proxy_reader = transport, Reader()
+            self._proxy_timer = self._loop.call_later(self._ssl_handshake_timeout, self._proxy_refuse,
+                                                      f"no complete PROXY header within {self._ssl_handshake_timeout:g} s")
+            return
         super().connection_made(transport)
 
+    def buffer_updated(self, nbytes):
+        if self._proxy_reader is None:
+            self._tls_bytes = True
+            return super().buffer_updated(nbytes)
+        try:
+            found = self._proxy_reader.feed(bytes(self._ssl_buffer_view[:nbytes]))
+        except ProxyHeaderError as exc:
+            return self._proxy_refuse(str(exc))
+        if found is not None:
+            self._proxy_accept(*found)
+
+    def eof_received(self):
+        if self._proxy_reader is not None:
+            self._proxy_refuse("closed before a complete PROXY header")
+            return None
+        return super().eof_received()
+
+    def _proxy_accept(self, header: Header, leftover: bytes) -> None:
+        self._proxy_timer.cancel()
+        self._proxy_reader = self._proxy_timer = None
+        transport = self._transport
+        self._extra["proxy_peer"] = transport.get_extra_info("peername")
+        if header.source is not None:
+            self._extra["peername"] = header.source   # aiohttp's request.remote, the audit line's `remote`
+        super().connection_made(transport)             # the TLS handshake starts now
+        if leftover and self._transport is not None:
+            view = self._ssl_buffer_view = _shared_read_buffer()
+            view[:len(leftover)] = leftover
+            self.buffer_updated(len(leftover))
+
+    def _proxy_refuse(self, why: str) -> None:
+        if self._proxy_timer is not None:
+            self._proxy_timer.cancel()
+        self._proxy_reader = self._proxy_timer = None
+        transport = self._transport
+        if transport is None:
+            return
+        self._proxy.refused(why, transport.get_extra_info("peername"))
+        transport.abort()  # no TLS alert: no TLS was spoken
+
     def connection_lost(self, exc):
+        if self._proxy_reader is not None:  # reset by the peer in the middle of the header
+            self._proxy_timer.cancel()
+            self._proxy_reader = self._proxy_timer = None
+            self._proxy.refused("closed before a complete PROXY header", self._transport.get_extra_info("peername"))
         if not self._admitted:
             return
         self._admitted = False
@@ -101,6 +164,10 @@ class GatedSSLProtocol(sslproto.SSLProtocol):
         super().connection_lost(exc)
 
     def _on_handshake_complete(self, handshake_exc):
+        if (self._proxy is not None and not self._tls_bytes and isinstance(handshake_exc, type)
+                and issubclass(handshake_exc, ConnectionResetError)):
+            # a balancer's health check (a PROXY header, v2 LOCAL or not, then nothing): no failed handshake
+            return super()._on_handshake_complete(handshake_exc)
         if handshake_exc is None:
             try:
                 self._sslobj.getpeercert()

@@ -9,6 +9,7 @@ it), and aiohttp's request handler answering parse errors through the pipeline.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import ssl
 from typing import Callable
 
@@ -93,14 +94,34 @@ class ConnectionGate:
         self.on_count(self.open)
 
 
+class ProxyGate:
+    """listen.proxy_protocol: which peers may send a PROXY header, and what a refused connection does."""
+
+    def __init__(self, trusted: tuple[str, ...], on_refused: Callable[[str, str | None], None]):
+        self.networks = [ipaddress.ip_network(text, strict=False) for text in trusted]
+        self.on_refused = on_refused
+
+    def trusts(self, peername) -> bool:
+        try:
+            address = ipaddress.ip_address(peername[0])
+        except (TypeError, IndexError, ValueError):
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self.networks)
+
+    def refused(self, why: str, peername) -> None:
+        self.on_refused(why, peername[0] if isinstance(peername, tuple) and peername else None)
+
+
 class TLSSite(web.BaseSite):
     """Like web.TCPSite, with TLS done by GatedSSLProtocol and a bounded handshake."""
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, contexts: ContextHolder,
                  handshake_timeout: float, on_failure: Callable[[str, dict], None], gate: ConnectionGate,
-                 reuse_port: bool = False):
+                 reuse_port: bool = False, proxy: ProxyGate | None = None):
         super().__init__(runner)
-        self._host, self._port, self._reuse_port = host, port, reuse_port
+        self._host, self._port, self._reuse_port, self._proxy = host, port, reuse_port, proxy
         self._contexts, self._timeout, self._on_failure, self._gate = contexts, handshake_timeout, on_failure, gate
 
     @property
@@ -118,7 +139,7 @@ class TLSSite(web.BaseSite):
             return GatedSSLProtocol(
                 loop, problem_request_handler(self._runner.server), self._contexts.context, None,
                 server_side=True, ssl_handshake_timeout=self._timeout,
-                on_failure=failed, admit=self._gate.admit, release=self._gate.release,
+                on_failure=failed, admit=self._gate.admit, release=self._gate.release, proxy=self._proxy,
             )
 
         self._server = await loop.create_server(

@@ -75,8 +75,10 @@ class Metrics:
                                       multiprocess_mode="livesum")
         self.connections_refused = Counter("gateway_connections_refused_total",
                                            "Client connections closed at once, by reason (limit: "
-                                           "limits.max_connections were open)", ["reason"], registry=r)
+                                           "limits.max_connections were open; proxy_protocol: no valid PROXY "
+                                           "header from a trusted proxy)", ["reason"], registry=r)
         self.connections_refused.labels("limit")
+        self.connections_refused.labels("proxy_protocol")
         self.ready = Gauge("gateway_ready", "1 while /readyz answers 200", registry=r, multiprocess_mode="livemin")
         self.log_dropped = Counter("gateway_log_lines_dropped_total",
                                    "Operational log lines dropped because stdout did not take them", registry=r)

@@ -11,6 +11,7 @@ turns into the JSON Schema editors validate the file with.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,10 @@ class Listen:
 
     host: str = setting("0.0.0.0", "address to listen on (the committed config.yaml: 127.0.0.1, this machine only)")
     port: int = setting(8443, "TCP port", maximum=65535)
+    proxy_protocol: bool = setting(False, "true: every connection starts with a PROXY header (v1 or v2) from an "
+                                          "address in trusted_proxies (CIDRs)")
+    trusted_proxies: tuple[str, ...] = setting(factory=tuple, doc="the load balancers allowed to send PROXY headers "
+                                                                  "(CIDRs, e.g. 10.0.0.0/8 or 192.0.2.7/32)")
 
 
 @dataclass(frozen=True)
@@ -219,7 +224,20 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     base = file.resolve().parent
     config = build(Config, data, file, base)
     _check_upstream_tls(config.upstream, file)
+    _check_proxy_protocol(config.listen, file)
     return dataclasses.replace(config, file=file.resolve())
+
+
+def _check_proxy_protocol(listen: Listen, file: Path) -> None:
+    """listen.trusted_proxies are CIDRs, and proxy_protocol needs at least one (else every connection is refused)."""
+    for i, text in enumerate(listen.trusted_proxies):
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise SettingsError(file, f"listen.trusted_proxies[{i}]", f"{text!r} is no CIDR (e.g. 10.0.0.0/8)") from None
+    if listen.proxy_protocol and not listen.trusted_proxies:
+        raise SettingsError(file, "listen.trusted_proxies", "is required with listen.proxy_protocol: true "
+                                                            "(the load balancers' addresses)")
 
 
 def _check_upstream_tls(upstream: Upstream, file: Path) -> None:
