@@ -17,6 +17,7 @@ from gateway.tools.cli import _parser
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md"), ROOT / "deploy" / "README.md",
+                ROOT / "deploy" / "kubernetes" / "README.md",
                 ROOT / "policies" / "README.md", ROOT / "certs.example" / "README.md"])
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
 SKIP_DIRS = {".git", ".venv", "data", "node_modules", "__pycache__", ".pytest_cache", ".hypothesis", "build"}
