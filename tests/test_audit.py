@@ -197,3 +197,59 @@ def test_the_hash_of_a_sealed_line_is_read_off_its_end():
     for record, key in [({"b": 1}, None), ({"reason": 'a "hash":"x" inside', "hash": "forged"}, b"k" * 16)]:
         line, digest = seal(record, GENESIS, key)
         assert sealed_hash(line) == digest == json.loads(line)["hash"]
+
+
+def run_verify_many(paths, *args):
+    return subprocess.run(gateway_command("audit", "verify", *map(str, paths), *args), capture_output=True,
+                          text=True, timeout=30, cwd=paths[0].parent)
+
+
+def test_verify_checks_each_file_of_several(tmp_path):
+    files = [tmp_path / "audit.jsonl.w0", tmp_path / "audit.jsonl.w1"]
+    write_log(files[0], n=3)
+    write_log(files[1], n=4)
+    proc = run_verify_many(files)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{files[0]}: OK 3 records", f"{files[1]}: OK 4 records"]
+
+
+def test_verify_names_the_bad_file_among_good_ones(tmp_path):
+    files = [tmp_path / "a.jsonl", tmp_path / "b.jsonl", tmp_path / "c.jsonl"]
+    for f in files:
+        write_log(f)
+    lines = files[1].read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b'"status":200', b'"status":201')
+    files[1].write_bytes(b"".join(lines))
+    proc = run_verify_many(files)
+    assert proc.returncode == 1
+    assert proc.stdout.splitlines() == [f"{files[0]}: OK 5 records", f"{files[2]}: OK 5 records"]
+    assert proc.stderr.splitlines() == [f"{files[1]}: line 3: the line was changed (its hash does not match)"]
+
+
+def test_verify_reports_a_missing_file_and_checks_the_others(tmp_path):
+    good, missing = tmp_path / "a.jsonl", tmp_path / "nope.jsonl"
+    write_log(good)
+    proc = run_verify_many([missing, good])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stdout.splitlines() == [f"{good}: OK 5 records"]
+    assert proc.stderr.splitlines() == [f"{missing}: cannot read: No such file or directory"]
+
+
+def test_a_rotated_series_is_linked_by_its_reopened_record(tmp_path):
+    """A file the writer starts after a rotation begins its own chain (GENESIS) with a `reopened` record."""
+    old, new = tmp_path / "audit.jsonl.1", tmp_path / "audit.jsonl"
+    lines = write_log(old, n=3)
+    last = json.loads(lines[-1])["hash"]
+    first, prev = seal({"event": "reopened", "previous_hash": last}, GENESIS, None)
+    second, _ = seal({"request_id": "r9", "status": 200}, prev, None)
+    new.write_bytes(first + second)
+    proc = run_verify_many([old, new])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [f"{old}: OK 3 records", f"{new}: OK 2 records (continues {old})"]
+    # given the other way round, or with a file missing in between, each still verifies but is not linked
+    proc = run_verify_many([new, old])
+    assert proc.returncode == 0 and "continues" not in proc.stdout
+    other = tmp_path / "other.jsonl"
+    write_log(other, n=2)
+    proc = run_verify_many([other, new])
+    assert proc.returncode == 0 and f"{new}: OK 2 records (its reopened record follows a hash" in proc.stdout

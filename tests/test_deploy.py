@@ -242,8 +242,43 @@ def test_dashboard_covers_the_required_panels():
         assert metric in exprs, f"no panel shows {metric}"
     for histogram in ("gateway_request_duration_seconds", "gateway_upstream_duration_seconds"):
         for q in ("0.5", "0.95", "0.99"):
-            assert re.search(rf"histogram_quantile\({q},[^;]*?rate\({histogram}_bucket\[", exprs), (histogram, q)
-    assert '{client=~"$client"}' in exprs
+            assert re.search(rf"histogram_quantile\({q},[^;]*?rate\({histogram}_bucket(\{{[^}}]*\}})?\[", exprs), (histogram, q)
+    assert 'client=~"$client"' in exprs
+
+
+def test_dashboard_has_job_and_instance_variables():
+    variables = {v["name"]: v for v in dashboard()["templating"]["list"]}
+    for name in ("job", "instance"):
+        var = variables[name]
+        query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+        assert var["type"] == "query" and re.fullmatch(rf"label_values\(gateway_\w+.*, {name}\)", query), name
+        assert var["multi"] and var["includeAll"] and var["datasource"]["uid"] == "${DS_PROMETHEUS}", name
+
+
+def test_every_panel_query_filters_by_job_and_instance():
+    """Several gateways are told apart: each selector of a gateway metric carries both variables."""
+    unfiltered = []
+    for panel in dashboard_panels():
+        for target in panel["targets"]:
+            for match in re.finditer(r"\b(gateway_\w+)(\{[^}]*\})?", target["expr"]):
+                selector = match.group(2) or ""
+                if 'job=~"$job"' not in selector or 'instance=~"$instance"' not in selector:
+                    unfiltered.append(f"{panel['title']!r}: {match.group(0)}")
+    assert not unfiltered, "selectors without job/instance:\n" + "\n".join(unfiltered)
+
+
+def test_latency_panels_do_not_pretend_to_filter_by_client():
+    """The duration histograms have no client label: their panels must neither filter nor group by it."""
+    latency = [p for p in dashboard_panels()
+               if any("_duration_seconds" in t["expr"] for t in p["targets"])]
+    assert len(latency) >= 4
+    for panel in latency:
+        exprs = " ".join(t["expr"] for t in panel["targets"])
+        legends = " ".join(t.get("legendFormat", "") for t in panel["targets"])
+        assert "client" not in exprs and "client" not in legends, panel["title"]
+        assert "client" not in panel["title"].lower(), panel["title"]
+        assert "$client" not in panel.get("description", ""), panel["title"]
+        assert "no client label" in panel.get("description", ""), panel["title"]
 
 
 # ---------------------------------------------------------------- (c) metric names

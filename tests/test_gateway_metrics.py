@@ -202,3 +202,22 @@ def test_a_client_certificate_lifetime_is_the_soonest_in_use_until_a_renewal_has
     assert gauge() == 9_000_000.0                       # the old one unseen for a day: renewed
     m.init_clients(["crm"])                             # a reload keeps what was seen
     assert gauge() == 9_000_000.0
+
+
+def test_set_expiry_removes_series_no_longer_in_use(recwarn):
+    from gateway.shell.metrics import Metrics
+
+    m = Metrics()
+
+    def expiry():
+        families = {f.name: f.samples for f in text_string_to_metric_families(m.render().decode())}
+        return {s.labels["certificate"]: s.value for s in families["gateway_certificate_expiry_timestamp_seconds"]}
+
+    m.set_expiry({"server": 1.0, "client_ca:CN=old": 2.0}, {"crl_next_update": 3.0})
+    m.set_crl("crl_fetch:CN=x", 4.0, 5.0)
+    assert expiry() == {"server": 1.0, "client_ca:CN=old": 2.0, "crl_fetch:CN=x": 5.0}
+    m.set_expiry({"server": 1.5}, {})
+    assert expiry() == {"server": 1.5}
+    m.set_crl("crl_fetch:CN=x", 4.0, 6.0)   # a fetched CRL after a reload still writes both gauges
+    assert expiry() == {"server": 1.5, "crl_fetch:CN=x": 6.0}
+    assert not [w for w in recwarn if "multi-process" in str(w.message)]

@@ -79,3 +79,48 @@ async def test_readyz_answers_for_every_worker(tmp_path, test_pki, run_gateway):
     status, body = await until(both_reported)
     assert status == 503 and set(body["problems"]) == {"worker 0", "worker 1"}
     assert all("upstream" in v for v in body["problems"].values())
+
+
+async def test_a_reload_removes_the_expiry_of_a_ca_taken_out_of_the_bundle(tmp_path, test_pki, recorder_url,
+                                                                            run_gateway):
+    """Multiprocess metrics cannot clear series: a removed CA's expiry must go all the same, silently."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from gateway.tools import pki
+
+    now = dt.datetime.now(dt.timezone.utc)
+    second, _ = pki.make_ca("second CA", not_before=now - dt.timedelta(days=1), not_after=now + dt.timedelta(days=5))
+    label = f"client_ca:{second.subject.rfc4514_string()}"
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(test_pki.ca.read_bytes() + second.public_bytes(Encoding.PEM))
+    tls = {"cert": str(test_pki.dir / "server.crt"), "key": str(test_pki.dir / "server.key"),
+           "client_ca": str(bundle), "crl": str(test_pki.dir / "crl.pem")}
+    config_path = write_config(tmp_path, test_pki, recorder_url, policies={"crm": POLICIES["crm"]}, tls=tls)
+    admin = load_config(config_path).admin.port
+    proc = run_gateway("serve", "-c", str(config_path), "--workers", "2")
+    await in_thread(wait_http, f"http://127.0.0.1:{admin}/healthz", proc)
+    await until(lambda: readyz(admin)[0] == 200)
+
+    def expiry_of(name):
+        return [s.value for s in scrape(admin)["gateway_certificate_expiry_timestamp_seconds"]
+                if s.labels["certificate"] == name]
+
+    assert expiry_of(label) == [second.not_valid_after_utc.timestamp()]
+    bundle.write_bytes(test_pki.ca.read_bytes())
+    proc.send_signal(signal.SIGHUP)
+
+    def both_reloaded():
+        samples = scrape(admin)["gateway_config_reloads"]
+        return sum(s.value for s in samples if s.labels == {"result": "ok"}) >= 2
+
+    await until(both_reloaded)
+    assert expiry_of(label) == []   # gone, not left at its old value (nor NaN) to keep an alert firing
+    assert len(expiry_of("server")) == 1 and expiry_of("server")[0] > 0
+    assert [s for s in scrape(admin)["gateway_certificate_expiry_timestamp_seconds"]
+            if s.labels["certificate"].startswith("client_ca:")]   # the CA still in the bundle stays
+    proc.send_signal(signal.SIGTERM)
+    assert await in_thread(proc.wait, 30) == 0
+    out, err = proc.communicate()
+    assert "Clearing labels" not in out + err and "not been implemented" not in out + err

@@ -88,6 +88,43 @@ def verify(lines: Iterable[bytes], key: bytes | None) -> VerifyResult:
     return VerifyResult(True, count)
 
 
+def verify_file(lines: Iterable[bytes], key: bytes | None) -> tuple[VerifyResult, dict | None, str | None]:
+    """verify() of one file, with its first record (parsed) and the hash of its last good line."""
+    first: dict | None = None
+    last: str | None = None
+
+    def watched():
+        nonlocal first, last
+        for raw in lines:
+            if first is None:
+                try:
+                    first = json.loads(raw)
+                except ValueError:
+                    first = {}
+            yield raw
+            last = json.loads(raw)["hash"]   # reached only once verify() accepted the line
+
+    result = verify(watched(), key)
+    return result, (first if isinstance(first, dict) else {}), last
+
+
+def chain_link(before: tuple[str, str | None], first: dict | None) -> str:
+    """How a file continues the one given before it, as a note for its OK line ("" when it says nothing).
+
+    A file the writer started because the log was removed, renamed (rotated) or replaced while the
+    gateway ran begins a chain of its own (its first `prev` is GENESIS) with an `event: "reopened"`
+    record whose `previous_hash` is the last hash of the old file. A file started by a gateway that
+    was restarted after the rotation has no such record: nothing links it to the file before.
+    """
+    name, last = before
+    if not first or first.get("event") != "reopened":
+        return ""
+    if last is not None and first.get("previous_hash") == last:
+        return f" (continues {name})"
+    return (f" (its reopened record follows a hash that is not the end of {name}: "
+            "a file between them is missing, or they are not one rotated series)")
+
+
 def last_hash(tail: bytes) -> str | None:
     """The hash of the last complete record in the end of a log, to continue its chain."""
     for raw in reversed(tail.split(b"\n")[:-1]):

@@ -10,6 +10,8 @@ gauges say how (the sum of open connections, the lowest readiness).
 
 from __future__ import annotations
 
+import os
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 
 from gateway.core.operations import Operation
@@ -55,6 +57,8 @@ class Metrics:
                                      "lastUpdate of a CRL whose nextUpdate is in gateway_certificate_expiry_timestamp"
                                      "_seconds (same label): the alert warns relative to the CRL's period",
                                      ["certificate"], registry=r, multiprocess_mode="livemax")
+        self._expiry_names: set[str] = set()        # the labels set in the two gauges above, to remove later
+        self._this_update_names: set[str] = set()
         self.revocation_checks = Counter("gateway_revocation_checks_total",
                                          "Online revocation checks (OCSP answers, fetched CRLs) by result",
                                          ["method", "result"], registry=r)
@@ -144,17 +148,40 @@ class Metrics:
         self.client_certificate_expiry.labels(client).set(min(end for end, _ in seen.values()))
 
     def set_expiry(self, times: dict[str, float], crl_this_update: dict[str, float] | None = None) -> None:
-        self.certificate_expiry.clear()
-        self.crl_this_update.clear()
-        for name, ts in times.items():
-            self.certificate_expiry.labels(name).set(ts)
-        for name, ts in (crl_this_update or {}).items():
-            self.crl_this_update.labels(name).set(ts)
+        """The certificates and CRLs in use now: their series are set, every other one is removed."""
+        _replace(self.certificate_expiry, self._expiry_names, times)
+        _replace(self.crl_this_update, self._this_update_names, crl_this_update or {})
 
     def set_crl(self, name: str, this_update: float, next_update: float) -> None:
         """A fetched CRL's period, under the label `name`."""
         self.certificate_expiry.labels(name).set(next_update)
         self.crl_this_update.labels(name).set(this_update)
+        self._expiry_names.add(name)
+        self._this_update_names.add(name)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def multiprocess() -> bool:
+    """Whether values go to prometheus_client's multiprocess folder (`serve --workers N`)."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir"))
+
+
+def _replace(gauge: Gauge, names: set[str], values: dict[str, float]) -> None:
+    """Set `values` and remove the series of `names` not among them.
+
+    In one process a series is removed. In multiprocess mode prometheus_client can neither
+    remove nor clear a series (it only warns, on stderr, and the value stays in the worker's
+    file), so a removed series is set to NaN, which the parent's /metrics leaves out
+    (admin.py): no stale value is left to keep an alert firing, and nothing is printed.
+    """
+    for name in names - values.keys():
+        if multiprocess():
+            gauge.labels(name).set(float("nan"))
+        else:
+            gauge.remove(name)
+    names.clear()
+    for name, ts in values.items():
+        gauge.labels(name).set(ts)
+        names.add(name)

@@ -69,8 +69,14 @@ def _parser() -> argparse.ArgumentParser:
 
     audit = sub.add_parser("audit", help="work with the audit log")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True, metavar="COMMAND")
-    verify = audit_sub.add_parser("verify", help="check the audit log's hash chain")
-    verify.add_argument("file", help="the audit log (JSON lines)")
+    verify = audit_sub.add_parser(
+        "verify", help="check audit logs' hash chains",
+        description="Check each audit log's hash chain separately (each instance, and each worker of "
+                    "`serve --workers N`, writes its own chain): one line per file, exit 1 when any fails. "
+                    "A file started because the log was rotated while the gateway ran begins with a "
+                    "`reopened` record naming the last hash of the file before it; give a rotated series "
+                    "oldest first (audit.jsonl.1 audit.jsonl) and each line says whether it continues the file before.")
+    verify.add_argument("file", nargs="+", help="audit logs (JSON lines), a rotated series oldest first")
     verify.add_argument("-c", "--config", help="config file whose audit.key_file keys the chain "
                         "(default: $GATEWAY_CONFIG or ./config.yaml when present)")
     return p
@@ -144,7 +150,7 @@ def _audit_verify(args) -> int:
     import os
     from pathlib import Path
 
-    from gateway.core.audit import verify
+    from gateway.core.audit import chain_link, verify_file
     from gateway.shell.audit_writer import load_key
 
     key = None
@@ -154,13 +160,27 @@ def _audit_verify(args) -> int:
             key = load_key(load_config(config_file).audit.key_file)
         except ValueError as exc:
             raise SettingsError(config_file, "audit.key_file", str(exc)) from None
-    with open(args.file, "rb") as f:
-        result = verify(f, key)
-    if result.ok:
-        print(f"OK {result.records} records")
-        return 0
-    print(f"{args.file}: line {result.bad_line}: {result.why}", file=sys.stderr)
-    return 1
+    single = len(args.file) == 1
+    failed = False
+    before: tuple[str, str | None] | None = None   # the file given just before, and its last hash
+    for name in args.file:
+        try:
+            with open(name, "rb") as f:
+                result, first, last = verify_file(f, key)
+        except OSError as exc:
+            failed = True
+            print(f"{name}: {exc.strerror or exc}" if single else f"{name}: cannot read: {exc.strerror or exc}",
+                  file=sys.stderr)
+            before = None
+            continue
+        link = chain_link(before, first) if before is not None and result.ok else ""
+        before = (name, last)
+        if result.ok:
+            print(f"OK {result.records} records" if single else f"{name}: OK {result.records} records{link}")
+        else:
+            failed = True
+            print(f"{name}: line {result.bad_line}: {result.why}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _serve_workers(args) -> int:
