@@ -19,7 +19,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import free_port, need_programs, stop_process
+from conftest import free_port, gateway_command, need_programs, stop_process
 from gateway.shell.settings import load_config
 from gateway_harness import ORDER_CRM, POLICIES, client_context, gateway_running, write_config
 from test_gateway_metrics import scrape, value
@@ -141,6 +141,13 @@ async def test_haproxy_in_front_of_two_gateways(tmp_path, test_pki, recorder_url
         assert sum(map(len, audits)) == 10
         assert {record["remote"] for lines in audits for record in lines} == {CLIENT_ADDRESS}
         assert sorted(r["status"] for lines in audits for r in lines) == [200] * 6 + [429] * 4
+        # one command checks both instances' chains, a line each
+        files = [str(tmp_path / name / "data" / "audit.jsonl") for name in ("a", "b")]
+        verified = await asyncio.to_thread(subprocess.run, gateway_command("audit", "verify", *files),
+                                           capture_output=True, text=True, timeout=60)
+        assert verified.returncode == 0, verified.stderr
+        assert [line.split(": ", 1)[0] for line in verified.stdout.splitlines()] == files
+        assert all(": OK " in line for line in verified.stdout.splitlines())
 
         # HAProxy's health checks (a header, v2 LOCAL for one, then nothing) have passed on both: neither
         # gateway counts them as refused connections or failed handshakes
