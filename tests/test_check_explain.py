@@ -114,6 +114,20 @@ def test_policy_folder_missing_names_config_key(tmp_path, test_pki):
     fails_with(no_policy_folder(tmp_path, test_pki), ": policies:", "no-such-folder")
 
 
+def test_ldap_directory_is_not_a_path_but_its_files_are_checked(tmp_path, test_pki):
+    ref = {"listen": "127.0.0.1:8081", "data_dir": "data",
+           "directory": "ldaps://ldap.example.com:636/ou=people,dc=example,dc=com",
+           "ldap": {"bind_dn": "cn=gw,dc=example,dc=com", "password_file": str(tmp_path / "no-password")}}
+    path = write_config(tmp_path, test_pki, "embedded", reference_api=ref).resolve()
+    line = fails_with(path, ": reference_api.ldap.password_file:", "no-password")
+    assert "does not exist" in line
+    rc, out, err = check(path)
+    assert not [e for e in err if "reference_api.directory" in e], err   # a URL is not a missing file
+    (tmp_path / "no-password").write_text("secret\n")
+    rc, out, err = check(path)
+    assert not [e for e in err if "reference_api" in e], err
+
+
 # -- gateway check: TLS files ---------------------------------------------------------------------
 def test_tls_cert_missing(tmp_path, test_pki):
     path = config(tmp_path, test_pki, tls={"cert": str(tmp_path / "missing.crt")})

@@ -234,3 +234,32 @@ async def get_with(test_pki, client, url, headers):
     async with session(test_pki, test_pki.client(client)) as s:
         async with s.get(url, headers=headers) as resp:
             return resp.status, await resp.read(), resp
+
+
+async def test_embedded_upstream_readiness_is_its_own_readyz(aiohttp_server):
+    """The embedded reference API's /readyz (its user directory) is the upstream's readiness; another
+    upstream is ready when it answers at all."""
+    from aiohttp import web
+
+    from gateway.shell.upstream import Upstream
+
+    state = {"ready": False}
+
+    async def readyz(request):
+        body = {"ready": state["ready"], "problems": {} if state["ready"] else {"directory": "ldap down"}}
+        return web.json_response(body, status=200 if state["ready"] else 503)
+
+    app = web.Application()
+    app.router.add_get("/readyz", readyz)
+    server = await aiohttp_server(app)
+    url = f"http://127.0.0.1:{server.port}"
+    embedded, other = Upstream(url, 2, ready_path="/readyz"), Upstream(url, 2)
+    try:
+        problem = await embedded.ready()
+        assert problem is not None and "503" in problem and "ldap down" in problem
+        assert await other.ready() is None   # GET / is a 404: it answers, so it is ready
+        state["ready"] = True
+        assert await embedded.ready() is None
+    finally:
+        await embedded.close()
+        await other.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -134,23 +135,26 @@ def test_expiry_rule():
 
 def test_directory_wins_and_request_fills_in():
     d = Directory.load(ROOT / "directory.yaml")
-    ident, attrs = d.resolve("signers", PersonRef("EXTERNAL", "200001011907", {"mail": "other@x", "mobile": "+4670"}))
+    ident, attrs = asyncio.run(
+        d.resolve("signers", PersonRef("EXTERNAL", "200001011907", {"mail": "other@x", "mobile": "+4670"})))
     assert ident == "200001011907"
     assert attrs == {"givenName": "Erik", "sn": "Eriksson", "mail": "erik.eriksson@example.org", "mobile": "+4670"}
-    ident, attrs = d.resolve("solicitor", PersonRef("INTERNAL", "samaccountname=CBORGSTROM", {"givenName": "X"}))
+    ident, attrs = asyncio.run(
+        d.resolve("solicitor", PersonRef("INTERNAL", "samaccountname=CBORGSTROM", {"givenName": "X"})))
     assert ident == "sAMAccountName=cborgstrom" and attrs["givenName"] == "Christer"
-    ident, attrs = d.resolve("signers", PersonRef("EXTERNAL", "191212121212", {"mail": "m@x"}))
+    ident, attrs = asyncio.run(d.resolve("signers", PersonRef("EXTERNAL", "191212121212", {"mail": "m@x"})))
     assert attrs == {"mail": "m@x"}
 
 
 def test_unknown_internal_person_is_a_field_error():
     d = Directory.load(ROOT / "directory.yaml")
     with pytest.raises(FieldError) as info:
-        d.resolve("signers", PersonRef("INTERNAL", "sAMAccountName=nobody", {}))
+        asyncio.run(d.resolve("signers", PersonRef("INTERNAL", "sAMAccountName=nobody", {})))
     assert info.value.field == "signers"
 
 
 def test_ambiguous_directory_match_is_refused():
     d = Directory(internal=[{"uid": "a", "mail": "same@x"}, {"uid": "b", "mail": "same@x"}])
-    with pytest.raises(FieldError, match="matches 2"):
-        d.resolve("solicitor", PersonRef("INTERNAL", "mail=same@x", {}))
+    with pytest.raises(FieldError, match="matches 2") as info:
+        asyncio.run(d.resolve("solicitor", PersonRef("INTERNAL", "mail=same@x", {})))
+    assert info.value.status == 409

@@ -13,7 +13,7 @@ import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from importlib import resources
 from pathlib import Path
@@ -25,6 +25,7 @@ from aiohttp import web
 from gateway.core.problem import CONTENT_TYPE as PROBLEM_TYPE
 from gateway.core.problem import problem_bytes
 from gateway.reference.directory import Directory
+from gateway.reference.ldap_directory import DirectoryUnavailable, LdapDirectory
 from gateway.reference.documents import DocumentError, SigningIdentity, check_pdf, sign_pdf
 from gateway.reference.formdata import BodyError, read_json_object, read_multipart, read_urlencoded
 from gateway.reference.forms import FieldError, parse_anonymize, parse_create
@@ -42,7 +43,7 @@ SAFE_NAME_RE = re.compile(r"[^A-Za-z0-9._ -]")
 class Settings:
     data_dir: Path
     timezone: ZoneInfo
-    directory: Directory
+    directory: Directory | LdapDirectory
     signing: SigningIdentity
     max_body_bytes: int = 33554432
     # Checks the identity token of a request; raises PermissionError to refuse (401).
@@ -50,7 +51,7 @@ class Settings:
 
 
 Clock = Callable[[], float]
-HTTPError = (FieldError, BodyError, DocumentError, NotFound, NoSuchSigner, Conflict)
+HTTPError = (FieldError, BodyError, DocumentError, NotFound, NoSuchSigner, Conflict, DirectoryUnavailable)
 
 
 def _problem(status: int, slug: str, detail: str, request_id: str, **extra) -> web.Response:
@@ -67,6 +68,9 @@ def _error_response(exc: Exception, request_id: str) -> web.Response:
         return _problem(400, "invalid-field", f"upload: {exc}", request_id, field="upload")
     if isinstance(exc, BodyError):
         return _problem(exc.status, exc.slug, exc.detail, request_id)
+    if isinstance(exc, DirectoryUnavailable):
+        return _problem(503, "directory-unavailable", "the user directory cannot be reached; try again later",
+                        request_id)
     if isinstance(exc, (NotFound, NoSuchSigner)):
         return _problem(404, "not-found", str(exc), request_id)
     return _problem(409, "conflict", str(exc), request_id)
@@ -93,6 +97,8 @@ async def _answer(request: web.Request, handler) -> web.StreamResponse:
                 return _problem(401, "unauthenticated", str(exc), request_id)
         response = await handler(request)
     except HTTPError as exc:
+        if isinstance(exc, DirectoryUnavailable):
+            log.warning("user directory unavailable: %s", exc)
         return _error_response(exc, request_id)
     except web.HTTPException as exc:
         if exc.status < 400:
@@ -134,8 +140,8 @@ class Handlers:
             raise FieldError("upload", "must appear once" if uploads else "is missing")
         upload = uploads[0]
         await self.run(check_pdf, upload.data)
-        solicitor = Person(order.solicitor.source, *s.directory.resolve("solicitor", order.solicitor))
-        signers = [Person(p.source, *s.directory.resolve("signers", p)) for p in order.signers]
+        solicitor = Person(order.solicitor.source, *await s.directory.resolve("solicitor", order.solicitor))
+        signers = [Person(p.source, *await s.directory.resolve("signers", p)) for p in order.signers]
         name = SAFE_NAME_RE.sub("_", upload.filename or "")[:200] or "document.pdf"
         new_id = await self.run(
             self.store.create_order, self.new_id(), order, s.timezone.key, solicitor, signers, name, upload.data, now
@@ -170,6 +176,11 @@ class Handlers:
             form = await read_multipart(request, 65536, file_fields=())
             fields = form.fields
         target = parse_anonymize(fields)
+        if target.person is not None:
+            # ldapSearch is looked up as a create's people are: the directory's spelling of the identifier.
+            found = await self.settings.directory.lookup("ldapSearch", target.person.source, target.person.identifier)
+            if found is not None:
+                target = replace(target, person=replace(target.person, identifier=found[0]))
         new_ids = await self.run(self.store.anonymize, target, self.clock())
         return web.json_response({"anonymized": len(new_ids)})
 
@@ -206,6 +217,13 @@ async def healthz(request: web.Request) -> web.Response:
     return web.Response(text="ok", content_type="text/plain")
 
 
+async def readyz(request: web.Request) -> web.Response:
+    """200 when the user directory answers (an LDAP directory: a bind and a search of its base), else 503."""
+    problem = await request.app[SETTINGS].directory.ready()
+    problems = {"directory": problem} if problem else {}
+    return web.json_response({"ready": not problems, "problems": problems}, status=503 if problems else 200)
+
+
 SETTINGS = web.AppKey("settings", Settings)
 STORE = web.AppKey("store", Store)
 API_ROUTES = {"create_order", "read_order", "order_state", "download_document", "delete_order", "anonymize_user"}
@@ -232,10 +250,12 @@ def create_app(
     app.router.add_post("/workflow" + oid + "/cancel", h.cancel)
     app.router.add_get("/openapi.yaml", openapi)
     app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
 
     async def close(app: web.Application) -> None:
         h.executor.shutdown(wait=True)
         store.close()
+        settings.directory.close()
 
     app.on_cleanup.append(close)
     return app

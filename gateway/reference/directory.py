@@ -9,7 +9,9 @@ population register. Here both are one YAML file:
       - {personalNumber: "198603052385", givenName: Anna, sn: Andersson}
 
 Attributes found in the directory win over attributes in the request; the
-request only fills what the look-up lacks.
+request only fills what the look-up lacks. An identifier that matches several
+people is refused (409), never guessed. reference_api.directory may instead
+name an LDAP server: ldap_directory.LdapDirectory, with the same interface.
 """
 
 from __future__ import annotations
@@ -48,8 +50,18 @@ class Directory:
             raise DirectoryError(f"{path}: every external entry needs a personalNumber")
         return cls(internal, external)
 
-    def lookup(self, field: str, source: str, identifier: str) -> tuple[str, dict[str, str]] | None:
-        """(identifier as the directory spells it, the person's attributes), or None when not found."""
+    async def ready(self) -> str | None:
+        """A file read at start: always ready (the LDAP directory's probe answers why not)."""
+        return None
+
+    def close(self) -> None:
+        pass
+
+    async def lookup(self, field: str, source: str, identifier: str) -> tuple[str, dict[str, str]] | None:
+        """(identifier as the directory spells it, the person's attributes), or None when not found.
+
+        Async like LdapDirectory.lookup, so that the app awaits either the same way.
+        """
         if source == "EXTERNAL":
             entry = self._external.get(identifier)
             return (identifier, _person_attributes(entry)) if entry else None
@@ -59,18 +71,18 @@ class Directory:
             if attr.casefold() in e and e[attr.casefold()][1].casefold() == value.casefold()
         ]
         if len(hits) > 1:
-            raise FieldError(field, f"{identifier} matches {len(hits)} people in the directory")
+            raise FieldError(field, f"{identifier} matches {len(hits)} people in the directory", status=409)
         if not hits:
             return None
         key, found = hits[0][attr.casefold()]
         return f"{key}={found}", _person_attributes({k: v for k, v in hits[0].values()})
 
-    def resolve(self, field: str, person: PersonRef) -> tuple[str, dict[str, str]]:
+    async def resolve(self, field: str, person: PersonRef) -> tuple[str, dict[str, str]]:
         """The canonical identifier and the directory's attributes, filled in from the request.
 
         An INTERNAL person who is not in the directory is a 400 naming `field`.
         """
-        found = self.lookup(field, person.source, person.identifier)
+        found = await self.lookup(field, person.source, person.identifier)
         if found is None:
             if person.source == "INTERNAL":
                 raise FieldError(field, f"{person.identifier} is not in the user directory")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from aiohttp import web
@@ -17,6 +18,7 @@ from gateway.shell.token import TokenVerifier, configured_key
 from gateway.reference.app import Settings, create_app
 from gateway.reference.directory import Directory, DirectoryError
 from gateway.reference.documents import SigningIdentity
+from gateway.reference.ldap_directory import LdapDirectory, is_ldap_url
 from gateway.reference.store import private_folder
 
 
@@ -27,7 +29,7 @@ def settings_from_config(config: Config) -> Settings:
     except (ZoneInfoNotFoundError, ValueError):
         raise SettingsError(config.file, "reference_api.timezone", f"unknown time zone {ref.timezone!r}") from None
     try:
-        directory = Directory.load(ref.directory)
+        directory = _directory(ref)
     except DirectoryError as exc:
         raise SettingsError(config.file, "reference_api.directory", str(exc)) from None
     private_folder(ref.data_dir)
@@ -39,6 +41,22 @@ def settings_from_config(config: Config) -> Settings:
         signing=SigningIdentity.load_or_create(ref.data_dir, ref.signing_cert, ref.signing_key),
         max_body_bytes=config.limits.max_body_bytes,
     )
+
+
+def _directory(ref) -> Directory | LdapDirectory:
+    """The YAML file, or the LDAP directory (reached at each look-up: its absence now does not stop a start)."""
+    if not is_ldap_url(ref.directory):
+        return Directory.load(None if ref.directory is None else Path(ref.directory))
+    password = None
+    if ref.ldap.password_file is not None:
+        try:
+            password = ref.ldap.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise DirectoryError(f"reference_api.ldap.password_file: cannot read: {exc.strerror or exc}") from None
+    try:
+        return LdapDirectory(ref.directory, ref.ldap.bind_dn, password, ref.ldap.ca, ref.ldap.timeout_s)
+    except ValueError as exc:
+        raise DirectoryError(str(exc)) from None
 
 
 def _token_check(config: Config):

@@ -76,7 +76,8 @@ async def open_services(stack: contextlib.AsyncExitStack, snap: Snapshot, metric
             reference = embedded
     upstream = Upstream(upstream_url, config.upstream.timeout_s, ssl_context=upstream_context(config),
                         keepalive_s=config.upstream.keepalive_s, max_connections=config.upstream.max_connections,
-                        server_name=config.upstream.server_name)
+                        server_name=config.upstream.server_name,
+                        ready_path="/readyz" if config.upstream.url == "embedded" else None)
     stack.push_async_callback(upstream.close)
     audit = audit_writer(config, metrics, worker)
     await audit.start()

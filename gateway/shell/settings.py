@@ -16,6 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import yaml
 
@@ -132,13 +133,27 @@ class IdentityToken:
 
 
 @dataclass(frozen=True)
+class ReferenceLdap:
+    """The LDAP user directory's connection, when reference_api.directory is an ldap:// or ldaps:// URL."""
+
+    bind_dn: str | None = setting(None, "the DN the reference API binds as (default: an anonymous bind)")
+    password_file: Path | None = setting(None, "a file holding bind_dn's password (required with bind_dn)")
+    ca: Path | None = setting(None, "ldaps://: CA bundle (PEM) that verifies the server (default: the system's "
+                                    "trust store)")
+    timeout_s: float = setting(5.0, "seconds to connect and to wait for each answer; past it a look-up answers 503")
+
+
+@dataclass(frozen=True)
 class ReferenceAPI:
     """The embedded reference Automation API (used when upstream.url is embedded)."""
 
     listen: str = setting("127.0.0.1:8081", "HOST:PORT it listens on (plain HTTP)", pattern=HOST_PORT,
                           pattern_message="is not HOST:PORT")
     data_dir: Path = setting(Path("data"), "its SQLite database and signing key (made 0700)")
-    directory: Path | None = setting(None, "the user directory (YAML) that INTERNAL identifiers are looked up in")
+    directory: str | None = setting(None, "the user directory that INTERNAL identifiers are looked up in: a YAML "
+                                          "file, or an LDAP directory ldap[s]://host:port/BASE-DN",
+                                    pattern=r".+", pattern_message="must be a YAML file or an ldap[s]:// URL")
+    ldap: ReferenceLdap = setting(factory=ReferenceLdap)
     timezone: str = setting("Europe/Stockholm", "the time zone a dueDate (which has none) is read in")
     signing_cert: Path | None = setting(None, "certificate of the key that signs documents (default: made in "
                                               "data_dir on first start)")
@@ -223,9 +238,34 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise SettingsError(file, "", "must be a mapping of sections")
     base = file.resolve().parent
     config = build(Config, data, file, base)
+    config = dataclasses.replace(config, reference_api=_reference_directory(config.reference_api, file, base))
     _check_upstream_tls(config.upstream, file)
     _check_proxy_protocol(config.listen, file)
     return dataclasses.replace(config, file=file.resolve())
+
+
+def _reference_directory(ref: ReferenceAPI, file: Path, base: Path) -> ReferenceAPI:
+    """reference_api.directory: an ldap[s]:// URL as written (checked), else a path from the config's folder."""
+    if ref.directory is None:
+        return ref
+    if ref.ldap.bind_dn is not None and ref.ldap.password_file is None:
+        raise SettingsError(file, "reference_api.ldap.password_file", "is required with reference_api.ldap.bind_dn")
+    if ref.ldap.password_file is not None and ref.ldap.bind_dn is None:
+        raise SettingsError(file, "reference_api.ldap.bind_dn", "is required with reference_api.ldap.password_file")
+    if ref.directory.lower().startswith(("ldap://", "ldaps://")):
+        url = urlsplit(ref.directory)
+        try:
+            url.port
+        except ValueError:
+            raise SettingsError(file, "reference_api.directory", f"{ref.directory!r}: the port is no number") from None
+        if not url.hostname or not unquote(url.path.lstrip("/")) or url.query or url.fragment:
+            raise SettingsError(file, "reference_api.directory", f"{ref.directory!r} is not "
+                                                                 "ldap[s]://host:port/BASE-DN")
+        return ref
+    if "://" in ref.directory:
+        raise SettingsError(file, "reference_api.directory", f"{ref.directory!r}: only ldap:// and ldaps:// "
+                                                             "URLs are directories (or a YAML file's path)")
+    return dataclasses.replace(ref, directory=str(base / ref.directory))
 
 
 def _check_proxy_protocol(listen: Listen, file: Path) -> None:

@@ -32,8 +32,10 @@ def too_slow(detail: str = "the upstream did not answer in time") -> Refusal:
 class Upstream:
     def __init__(self, base_url: str, timeout_s: float,
                  ssl_context: ssl.SSLContext | None = None, keepalive_s: float = 10.0, max_connections: int = 100,
-                 server_name: str | None = None):
+                 server_name: str | None = None, ready_path: str | None = None):
         self.base_url = base_url.rstrip("/")
+        # The embedded reference API has a readiness answer of its own (its user directory): asked here.
+        self.ready_path = ready_path
         self.timeout_s = timeout_s
         self.pool = Pool(self.base_url, ssl_context, keepalive_s=keepalive_s, max_connections=max_connections,
                          server_name=server_name)
@@ -58,12 +60,14 @@ class Upstream:
             raise unavailable(f"the upstream cannot be reached ({type(exc).__name__})", connect_failure(exc)) from None
 
     async def ready(self) -> str | None:
-        """None when the upstream answers over HTTP, else why not."""
+        """None when the upstream answers over HTTP (with ready_path: answers it 2xx), else why not."""
         try:
             async with asyncio.timeout(3):
-                resp = await self.pool.request("GET", "/", {"accept": "*/*"})
+                resp = await self.pool.request("GET", self.ready_path or "/", {"accept": "*/*"})
                 async with resp:
-                    await resp.read()
+                    body = await resp.read()
+            if self.ready_path and not 200 <= resp.status < 300:
+                return f"upstream not ready ({resp.status}: {body[:300].decode('utf-8', 'replace')})"
             return None
         except (TimeoutError, ConnectionBroken, ClientPayloadError, OSError) as exc:
             return f"upstream unreachable ({connect_failure(exc)})"

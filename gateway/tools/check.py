@@ -95,9 +95,16 @@ def check(config_file: str | None) -> tuple[list[str], list[str]]:
         storage_from_url(config.rate_limit.storage)
     except ValueError as exc:
         problems.append(f"{where}: rate_limit.storage: {exc}")
-    if config.upstream.url == "embedded" and config.reference_api.directory is not None \
-            and not config.reference_api.directory.is_file():
-        problems.append(f"{where}: reference_api.directory: {config.reference_api.directory} does not exist")
+    ref = config.reference_api
+    if config.upstream.url == "embedded" and ref.directory is not None:
+        if not ref.directory.lower().startswith(("ldap://", "ldaps://")):
+            if not Path(ref.directory).is_file():
+                problems.append(f"{where}: reference_api.directory: {ref.directory} does not exist")
+        else:  # the LDAP server itself is asked at each look-up (and by the reference API's /readyz)
+            for key in ("password_file", "ca"):
+                path = getattr(ref.ldap, key)
+                if path is not None and not path.is_file():
+                    problems.append(f"{where}: reference_api.ldap.{key}: {path} does not exist")
     return problems, warnings
 
 
