@@ -27,7 +27,27 @@ class DirectoryError(Exception):
     """The directory file cannot be used."""
 
 
-class Directory:
+class Resolving:
+    """What every directory does with its `lookup`: the canonical identifier, request attributes filling gaps."""
+
+    async def resolve(self, field: str, person: PersonRef) -> tuple[str, dict[str, str]]:
+        """The canonical identifier and the directory's attributes, filled in from the request.
+
+        An INTERNAL person who is not in the directory is a 400 naming `field`.
+        """
+        found = await self.lookup(field, person.source, person.identifier)
+        if found is None:
+            if person.source == "INTERNAL":
+                raise FieldError(field, f"{person.identifier} is not in the user directory")
+            return person.identifier, dict(person.attributes)
+        identifier, attributes = found
+        return identifier, {**person.attributes, **attributes}
+
+    async def lookup(self, field: str, source: str, identifier: str) -> tuple[str, dict[str, str]] | None:
+        raise NotImplementedError
+
+
+class Directory(Resolving):
     def __init__(self, internal: list[dict[str, str]] = (), external: list[dict[str, str]] = ()):
         self._internal = [{k.casefold(): (k, str(v)) for k, v in e.items()} for e in internal]
         self._external = {str(e["personalNumber"]): e for e in external}
@@ -76,20 +96,6 @@ class Directory:
             return None
         key, found = hits[0][attr.casefold()]
         return f"{key}={found}", _person_attributes({k: v for k, v in hits[0].values()})
-
-    async def resolve(self, field: str, person: PersonRef) -> tuple[str, dict[str, str]]:
-        """The canonical identifier and the directory's attributes, filled in from the request.
-
-        An INTERNAL person who is not in the directory is a 400 naming `field`.
-        """
-        found = await self.lookup(field, person.source, person.identifier)
-        if found is None:
-            if person.source == "INTERNAL":
-                raise FieldError(field, f"{person.identifier} is not in the user directory")
-            return person.identifier, dict(person.attributes)
-        identifier, attributes = found
-        return identifier, {**person.attributes, **attributes}
-
 
 def _person_attributes(entry: dict) -> dict[str, str]:
     return {k: str(entry[k]) for k in PERSON_ATTRIBUTES if entry.get(k) not in (None, "")}

@@ -19,19 +19,22 @@ timeout_s for the connect and for every answer (whole seconds, at least 1), so t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import re
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import unquote, urlsplit
 
 from ldap3 import BASE, NONE, SUBTREE, Connection, Server, Tls
 from ldap3.core.exceptions import LDAPException
 from ldap3.utils.conv import escape_filter_chars
 
-from gateway.reference.forms import PERSON_ATTRIBUTES, FieldError, PersonRef
+from gateway.reference.directory import Resolving
+from gateway.reference.forms import PERSON_ATTRIBUTES, FieldError
 
 ATTRIBUTE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9-]{0,63}")
 SIZE_LIMIT_EXCEEDED = 4
@@ -52,7 +55,7 @@ def equality_filter(attribute: str, value: str) -> str:
     return f"({attribute}={escape_filter_chars(value)})"
 
 
-class LdapDirectory:
+class LdapDirectory(Resolving):
     def __init__(self, url: str, bind_dn: str | None = None, password: str | None = None,
                  ca: Path | None = None, timeout_s: float = 5.0):
         parts = urlsplit(url)
@@ -86,16 +89,12 @@ class LdapDirectory:
             raise DirectoryUnavailable(f"{self.url}: cannot reach the directory: {exc}") from None
         return conn
 
-    def _search(self, filter_: str, attribute: str | None) -> list[dict]:
-        wanted = [*PERSON_ATTRIBUTES, *([attribute] if attribute else [])]
+    @contextlib.contextmanager
+    def _session(self) -> Iterator[Connection]:
+        """A bound connection for one look-up; what goes wrong on the way is DirectoryUnavailable."""
         conn = self._connect()
         try:
-            conn.search(self.base, filter_, search_scope=SUBTREE, attributes=wanted, size_limit=2,
-                        time_limit=max(1, int(self.timeout_s)))
-            code = conn.result.get("result")
-            if code not in (0, SIZE_LIMIT_EXCEEDED):
-                raise DirectoryUnavailable(f"{self.url}: search failed: {conn.result.get('description')}")
-            return [dict(e["attributes"]) for e in conn.response or [] if e.get("type") == "searchResEntry"]
+            yield conn
         except (LDAPException, OSError) as exc:
             raise DirectoryUnavailable(f"{self.url}: cannot reach the directory: {exc}") from None
         finally:
@@ -104,19 +103,21 @@ class LdapDirectory:
             except (LDAPException, OSError):
                 pass
 
+    def _search(self, filter_: str, attribute: str | None) -> list[dict]:
+        wanted = [*PERSON_ATTRIBUTES, *([attribute] if attribute else [])]
+        with self._session() as conn:
+            conn.search(self.base, filter_, search_scope=SUBTREE, attributes=wanted, size_limit=2,
+                        time_limit=max(1, int(self.timeout_s)))
+            code = conn.result.get("result")
+            if code not in (0, SIZE_LIMIT_EXCEEDED):
+                raise DirectoryUnavailable(f"{self.url}: search failed: {conn.result.get('description')}")
+            return [dict(e["attributes"]) for e in conn.response or [] if e.get("type") == "searchResEntry"]
+
     def _probe(self) -> None:
-        conn = self._connect()
-        try:
+        with self._session() as conn:
             conn.search(self.base, "(objectClass=*)", search_scope=BASE, attributes=["1.1"])
             if conn.result.get("result") != 0:
                 raise DirectoryUnavailable(f"{self.url}: base DN: {conn.result.get('description')}")
-        except (LDAPException, OSError) as exc:
-            raise DirectoryUnavailable(f"{self.url}: cannot reach the directory: {exc}") from None
-        finally:
-            try:
-                conn.unbind()
-            except (LDAPException, OSError):
-                pass
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, partial(fn, *args))
@@ -158,16 +159,6 @@ class LdapDirectory:
             if values and values[0]:
                 attributes[name] = values[0]
         return f"{key}={spelled}", attributes
-
-    async def resolve(self, field: str, person: PersonRef) -> tuple[str, dict[str, str]]:
-        """As Directory.resolve: an INTERNAL person who is not in the directory is a 400 naming `field`."""
-        found = await self.lookup(field, person.source, person.identifier)
-        if found is None:
-            if person.source == "INTERNAL":
-                raise FieldError(field, f"{person.identifier} is not in the user directory")
-            return person.identifier, dict(person.attributes)
-        identifier, attributes = found
-        return identifier, {**person.attributes, **attributes}
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
