@@ -63,6 +63,16 @@ async def metric(admin_port: int, name: str, **labels) -> float:
     return 0.0
 
 
+async def first_audit_lines(path: Path, deadline_s: float = 5.0) -> list[dict]:
+    """Every audit line, once there is one (polled with a deadline)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        lines = [json.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+        if lines or time.monotonic() > deadline:
+            return lines
+        await asyncio.sleep(0.02)
+
+
 def assert_problem(resp: RawResponse | None, status: int) -> dict:
     assert resp is not None, "the connection was closed without an answer"
     assert resp.status == status, (resp.status, resp.body[:300])
@@ -586,11 +596,7 @@ async def test_a_client_that_leaves_mid_body_is_audited_not_an_error(door, recor
             conn.send(anonymize_head(100, expect=False) + b'{"externalId"')
 
     await door.run(send)
-    for _ in range(250):
-        gone = [json.loads(line) for line in door.audit.read_bytes().splitlines()] if door.audit.exists() else []
-        if gone:
-            break
-        await asyncio.sleep(0.02)
+    gone = await first_audit_lines(door.audit)
     assert [(r["status"], r["complete"]) for r in gone] == [(499, False)]
     assert await metric(door.admin, "gateway_denied_total", client="hr-system", reason="internal") == 0
     assert recorder.seen == []
@@ -606,11 +612,7 @@ async def test_an_upload_cut_half_way_is_audited_with_the_bytes_that_came(door, 
             conn.send(sent)
 
     await door.run(send)
-    for _ in range(250):
-        gone = [json.loads(line) for line in door.audit.read_bytes().splitlines()] if door.audit.exists() else []
-        if gone:
-            break
-        await asyncio.sleep(0.02)
+    gone = await first_audit_lines(door.audit)
     assert [(r["status"], r["operation"]) for r in gone] == [(499, "create_order")]
     assert 0 < gone[0]["bytes_in"] <= len(sent)
     assert recorder.seen == []

@@ -9,7 +9,6 @@ import socket
 import ssl
 import struct
 import time
-from pathlib import Path
 
 import pytest
 
@@ -18,6 +17,7 @@ from gateway.shell.settings import load_config
 from conftest import free_port
 from gateway_harness import ORDER_CRM, client_context, gateway_running, write_config
 from raw_tls import RawClient, RawResponse, get
+from test_front_door import audit_records
 from test_gateway_metrics import scrape, value
 
 STATE = f"/orders/{ORDER_CRM}/state"
@@ -64,20 +64,6 @@ def closed_before_tls(port: int, prefix: bytes) -> float:
     return time.monotonic() - started
 
 
-async def audit_remotes(path: Path, request_ids: set[str], deadline_s: float = 5.0) -> dict[str, str]:
-    deadline = time.monotonic() + deadline_s
-    while True:
-        found = {}
-        if path.exists():
-            for line in path.read_bytes().splitlines():
-                record = json.loads(line)
-                if record.get("request_id") in request_ids:
-                    found[record["request_id"]] = record["remote"]
-        if set(found) == request_ids or time.monotonic() > deadline:
-            return found
-        await asyncio.sleep(0.02)
-
-
 @pytest.fixture
 async def behind_balancer(tmp_path, test_pki, recorder_url):
     config_path = write_config(tmp_path, test_pki, recorder_url,
@@ -106,7 +92,7 @@ async def test_the_header_address_is_the_remote(behind_balancer, test_pki, prefi
                                    pieces)
     assert resp is not None and resp.status == 200, resp
     request_id = resp.header("X-Request-ID")
-    assert await audit_remotes(audit, {request_id}) == {request_id: remote}
+    assert (await audit_records(audit, {request_id}))[request_id]["remote"] == remote
 
 
 @pytest.mark.parametrize("prefix", [

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STOCKHOLM, Clock, free_port, need_programs, order_form, wait_http
+from conftest import STOCKHOLM, Clock, free_port, need_programs, order_form, stop_process, wait_http
 from gateway.reference.app import Settings, create_app
 from gateway.reference.documents import SigningIdentity
 from gateway.reference.ldap_directory import LdapDirectory, equality_filter
@@ -119,13 +119,8 @@ directory {folder}/db
                 time.sleep(0.02)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         self.proc = None
 
 

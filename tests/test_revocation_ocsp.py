@@ -62,6 +62,17 @@ async def until(s, url: str, want: int, deadline_s: float = 8.0) -> tuple[int, d
         await asyncio.sleep(0.1)
 
 
+async def post_server(handler) -> tuple[web.AppRunner, int]:
+    """A stand-in responder answering POST / on a loopback port: (its runner, to clean up; its port)."""
+    app = web.Application()
+    app.router.add_post("/", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, port
+
+
 def audit_lines(tmp_path) -> list[dict]:
     return [json.loads(x) for x in (tmp_path / "data" / "audit.jsonl").read_bytes().splitlines()]
 
@@ -164,12 +175,7 @@ async def test_one_fetch_serves_every_request_waiting_for_it(tmp_path, test_pki,
                                                         headers={"Content-Type": "application/ocsp-request"}) as r:
             return web.Response(body=await r.read(), content_type="application/ocsp-response")
 
-    app = web.Application()
-    app.router.add_post("/", relay)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await post_server(relay)
     config = config_for(tmp_path, test_pki, recorder_url, ocsp_url=f"http://127.0.0.1:{port}/")
     try:
         async with gateway_running(config) as (url, _):
@@ -222,12 +228,7 @@ async def test_an_old_good_answer_without_next_update_is_not_taken_as_fresh(tmp_
     async def replay(request: web.Request) -> web.Response:
         return web.Response(body=old, content_type="application/ocsp-response")
 
-    app = web.Application()
-    app.router.add_post("/", replay)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
+    runner, port = await post_server(replay)
     config = config_for(tmp_path, test_pki, recorder_url, ocsp_url=f"http://127.0.0.1:{port}/")
     try:
         async with gateway_running(config) as (url, running):
