@@ -57,7 +57,7 @@ def accept_crl(data: bytes, cas: Iterable[x509.Certificate],
     except ValueError:
         return None, "not a CRL (neither DER nor PEM), or one whose extensions do not parse"
     issuer = crl.issuer.rfc4514_string()
-    signers = [ca for ca in cas if ca.subject == crl.issuer and _signed_by(crl, ca)]
+    signers = [ca for ca in cas if crl_issued_by(crl, ca)]
     if not [ca for ca in cas if ca.subject == crl.issuer]:
         return None, f"issued by {issuer}, which is no CA of tls.client_ca"
     if not signers:
@@ -106,7 +106,10 @@ def _partial_scope(extensions: x509.Extensions) -> str | None:
     return None
 
 
-def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+def crl_issued_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    """Whether `ca` issued the CRL: its name, and its key verifying the signature (any key type)."""
+    if crl.issuer != ca.subject:
+        return False
     try:
         return crl.is_signature_valid(ca.public_key())
     except (TypeError, ValueError):

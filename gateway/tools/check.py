@@ -15,7 +15,7 @@ from gateway.shell.audit_writer import load_key
 from gateway.core.errors import SettingsError
 from gateway.core.overlaps import find_possible_overlaps
 from gateway.core.policy import Policy
-from gateway.core.revocation import crl_warn_at
+from gateway.core.revocation import crl_issued_by, crl_warn_at
 from gateway.shell.keys import readable_by_others
 from gateway.shell.limits import storage_from_url
 from gateway.shell.settings import Config, load_config, read_policies
@@ -136,10 +136,6 @@ def _upstream_cert(config: Config, now: float) -> tuple[list[str], list[str]]:
     return problems, warnings
 
 
-def _issued_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
-    return crl.issuer == ca.subject and crl.is_signature_valid(ca.public_key())
-
-
 def _trust(config: Config, now: float) -> tuple[list[str], list[str]]:
     """What would lock clients out: expiry, CRLs that fit no CA, CAs without the CRL they need, strictness."""
     problems, warnings = [], []
@@ -160,7 +156,7 @@ def _trust(config: Config, now: float) -> tuple[list[str], list[str]]:
     for crl in crls:
         issuer = crl.issuer.rfc4514_string()
         due = crl.next_update_utc
-        if not any(_issued_by(crl, ca) for ca in cas):
+        if not any(crl_issued_by(crl, ca) for ca in cas):
             problems.append(f"{where}: tls.crl: the CRL of {issuer} was issued by no CA in tls.client_ca "
                             "(a leftover?): it vouches for no client")
         elif due is not None and now <= due.timestamp() and \
@@ -170,7 +166,7 @@ def _trust(config: Config, now: float) -> tuple[list[str], list[str]]:
     if tls.crl is not None and crls:
         issuers_of_cas = {ca.issuer for ca in cas if ca.issuer != ca.subject}
         for ca in cas:
-            if any(_issued_by(crl, ca) for crl in crls):
+            if any(crl_issued_by(crl, ca) for crl in crls):
                 continue
             name = ca.subject.rfc4514_string()
             if tls.crl_check == "chain":
