@@ -1,14 +1,18 @@
 """Who is on a connection, checked on every request: the client certificate and whether it still holds.
 
-The certificate is parsed once a connection; its standing (core.credentials) is
-rebuilt once a trust generation (a reload makes a new one), so each request
-costs a dictionary look-up and three comparisons.
+A certificate (leaf and presented chain, byte for byte) is parsed once, and its
+standing (core.credentials: the chain rebuilt, its signatures checked) built once a
+trust generation (a reload makes a new one), whichever connection presents it: most
+clients present the same certificate on every connection, and a client that opens one
+connection a call would otherwise pay for both each time. Each request then costs a
+dictionary look-up and three comparisons.
 """
 
 from __future__ import annotations
 
 import ssl
 import weakref
+from collections import OrderedDict
 from typing import Any
 
 from cryptography import x509
@@ -22,16 +26,53 @@ from gateway.runtime.snapshot import Gateway
 from gateway.shell.compat import presented_chain
 
 
-class Peer:
-    """A connection's client certificate: parsed once, its standing rebuilt once per trust generation."""
+class Credential:
+    """A presented certificate and chain: parsed once, shared by every connection that presents them."""
 
-    __slots__ = ("identity", "cert", "presented", "handshake_context", "reported", "_trust", "_standing",
-                 "__weakref__")
+    __slots__ = ("identity", "cert", "presented", "_trust", "_standings")
 
-    def __init__(self, der: bytes, chain: list[bytes], handshake_context: ssl.SSLContext | None):
+    def __init__(self, der: bytes, chain: list[bytes]):
         self.identity = identity_from_der(der)
         self.cert = x509.load_der_x509_certificate(der)
         self.presented = tuple(_parsed(chain[1:]))
+        self._trust: Trust | None = None
+        self._standings: dict[bool, Standing] = {}   # by whether the handshake was under this trust
+
+    def standing(self, trust: Trust, verified_under_this_trust: bool) -> Standing:
+        if self._trust is not trust:
+            self._trust, self._standings = trust, {}
+        standing = self._standings.get(verified_under_this_trust)
+        if standing is None:
+            standing = self._standings[verified_under_this_trust] = trust.standing(
+                self.cert, self.presented, verified_under_this_trust)
+        return standing
+
+
+CREDENTIALS_KEPT = 1024
+_credentials: "OrderedDict[tuple[bytes, tuple[bytes, ...]], Credential]" = OrderedDict()
+
+
+def credential_of(der: bytes, chain: list[bytes]) -> Credential:
+    """The Credential of these exact bytes, from the most recently used CREDENTIALS_KEPT."""
+    key = (der, tuple(chain))
+    credential = _credentials.get(key)
+    if credential is None:
+        credential = _credentials[key] = Credential(der, chain)
+        if len(_credentials) > CREDENTIALS_KEPT:
+            _credentials.popitem(last=False)
+    else:
+        _credentials.move_to_end(key)
+    return credential
+
+
+class Peer:
+    """A connection's client certificate and the TLS context of its handshake."""
+
+    __slots__ = ("credential", "identity", "cert", "handshake_context", "reported", "_trust", "_standing",
+                 "__weakref__")
+
+    def __init__(self, credential: Credential, handshake_context: ssl.SSLContext | None):
+        self.credential, self.identity, self.cert = credential, credential.identity, credential.cert
         self.handshake_context = handshake_context
         self.reported = None   # the policy whose client certificate metric this connection has set
         self._trust: Trust | None = None
@@ -41,7 +82,7 @@ class Peer:
         if gw.trust is None:
             return None
         if self._trust is not gw.trust:
-            self._standing = gw.trust.standing(self.cert, self.presented, self.handshake_context is gw.tls_context)
+            self._standing = self.credential.standing(gw.trust, self.handshake_context is gw.tls_context)
             self._trust = gw.trust
         return self._standing
 
@@ -69,7 +110,8 @@ def peer_of(transport) -> Peer | None:
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         if not der:
             return None
-        peer = _peers[transport] = Peer(der, presented_chain(ssl_object), transport.get_extra_info("sslcontext"))
+        peer = _peers[transport] = Peer(credential_of(der, presented_chain(ssl_object)),
+                                       transport.get_extra_info("sslcontext"))
     return peer
 
 
