@@ -132,3 +132,19 @@ def test_route_is_frozen():
     r = route("POST", "/orders")
     with pytest.raises(AttributeError):
         r.operation = Operation.ANONYMIZE_USER  # type: ignore[misc]
+
+
+def test_a_mapped_line_is_kept_and_the_memory_stays_bounded(monkeypatch):
+    from gateway.core import operations
+
+    monkeypatch.setattr(operations, "_routes", {})
+    monkeypatch.setattr(operations, "ROUTES_KEPT", 3)
+    path = "/orders/22222222-2222-4222-8222-22222222222A/state"
+    first = route("GET", path)
+    assert route("GET", path) is first and first.order_id == "22222222-2222-4222-8222-22222222222a"
+    assert route("DELETE", path) is None and route("GET", path + "/x") is None
+    assert len(operations._routes) == 3
+    route("GET", "/orders")   # the fourth line: the memory starts again
+    assert list(operations._routes) == [("GET", "/orders")]
+    long = "/orders/" + "a" * 200
+    assert route("GET", long) is None and ("GET", long) not in operations._routes

@@ -63,8 +63,34 @@ class Route:
     upstream_path: str
 
 
+ROUTES_KEPT = 4096
+ROUTE_KEPT_LENGTH = 96   # /orders/{GUID}/document is 61 characters
+_routes: dict[tuple[str, str], Route | None] = {}
+
+
 def route(method: str, raw_path: str) -> Route | None:
-    """Map a request line's method and raw path (query included) to an operation, or None."""
+    """Map a request line's method and raw path (query included) to an operation, or None.
+
+    The answer for each (method, raw path) is kept (a Route is immutable): a client polling an
+    order's state sends the same line again and again. Only lines as short as the API's own are
+    kept, and at ROUTES_KEPT the memory is dropped whole: a flood of distinct paths costs no more
+    memory than a few hundred KiB, and no more time than mapping each one.
+    """
+    if len(raw_path) > ROUTE_KEPT_LENGTH:
+        return _route(method, raw_path)
+    key = (method, raw_path)
+    try:
+        return _routes[key]
+    except KeyError:
+        pass
+    found = _route(method, raw_path)
+    if len(_routes) >= ROUTES_KEPT:
+        _routes.clear()
+    _routes[key] = found
+    return found
+
+
+def _route(method: str, raw_path: str) -> Route | None:
     if "?" in raw_path or "#" in raw_path:
         return None
     if _FORBIDDEN_ENCODED.search(raw_path):

@@ -113,7 +113,10 @@ class Decision:
 
     @classmethod
     def ok(cls, reason: str = "allowed by policy") -> "Decision":
-        return cls(True, 200, reason)
+        return _ALLOWED if reason == "allowed by policy" else cls(True, 200, reason)
+
+
+_ALLOWED = Decision(True, 200, "allowed by policy")   # immutable: one for every plain allow
 
 
 def deny(status: int, reason: str, code: Reason) -> Decision:
