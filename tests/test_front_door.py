@@ -590,6 +590,22 @@ async def test_another_clients_order_takes_as_long_as_no_order_at_all(door, reco
     assert len(lookups) == 2  # crm's, then hr-system's own
 
 
+async def test_a_client_that_leaves_while_its_order_is_looked_up_is_gone_not_refused(door, recorder):
+    """The credentials are checked again once the decision is made; by then the client may have left,
+    and its line says so (499 client_gone), not that a refusal was not sent."""
+    recorder.latency_s = 0.2
+
+    def send():
+        with door.connect("crm") as conn:
+            conn.send(get(STATE))
+
+    await door.run(send)
+    gone = await first_audit_lines(door.audit)
+    assert [(r["status"], r["code"], r["complete"]) for r in gone] == [(499, "client_gone", False)]
+    assert "403" not in gone[0]["reason"]
+    assert [r.path for r in recorder.seen] == [f"/orders/{ORDER_CRM}"]   # the look-up, never the call
+
+
 async def test_a_client_that_leaves_mid_body_is_audited_not_an_error(door, recorder):
     def send():
         with door.connect("hr-system") as conn:

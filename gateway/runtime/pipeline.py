@@ -110,7 +110,10 @@ class Pipeline:
                 ex.decision, ex.would_deny = "allow", verdict.would_deny
                 ex.reason = verdict.reason if verdict.would_deny else "allowed by policy"
                 # the body may have taken a while: the credentials must still hold, under the trust
-                # in force now (a reload may have come in between), when the request goes upstream
+                # in force now (a reload may have come in between), when the request goes upstream;
+                # a client that has left meanwhile is gone, not refused
+                if request.transport is None:
+                    raise ConnectionResetError("the client closed the connection")
                 admit_peer(self.gateway, request.transport, ex)
                 response = await self._forward(gw, request, ex, rt, spool[0] if spool else None, streamed)
             except asyncio.CancelledError as exc:
