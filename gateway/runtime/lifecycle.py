@@ -10,8 +10,8 @@ connection and is only cleared by a complete request).
 from __future__ import annotations
 
 import asyncio
-import gc
 import contextlib
+import gc
 import resource
 import signal
 import time
