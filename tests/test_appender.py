@@ -152,23 +152,3 @@ async def test_the_audit_writer_survives_its_helper_dying_mid_group(tmp_path, mo
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert [b'"request_id":"r%d"' % i in line for i, line in enumerate(lines, 1)] == [True] * count
-
-
-async def test_records_are_sealed_in_the_helper_into_the_chain_that_verifies(opened):
-    """seal_and_append: core.audit.seal's own lines, chained from the head given, the new head answered."""
-    from gateway.core.audit import GENESIS, sealed_hash, verify
-    from gateway.core.errors import Reason
-
-    appender, log, fd = opened
-    key = b"k" * 32
-    first = [{"request_id": "r1", "status": 200, "cert": {"subject": "CN=crm"}, "duration_ms": 1.5},
-             {"request_id": "r2", "code": Reason.RATE_LIMITED, "solicitor": None}]   # a StrEnum: not marshal's
-    head = await appender.seal_and_append(fd, str(log), GENESIS, first, key, True)
-    lines = log.read_bytes().splitlines(keepends=True)
-    assert len(lines) == 2 and head == sealed_hash(lines[-1])
-    assert b'"code":"rate_limited"' in lines[1]
-    head = await appender.seal_and_append(fd, str(log), head, [{"request_id": "r3"}], key, True)
-    assert head == sealed_hash(log.read_bytes().splitlines(keepends=True)[-1])
-    result = verify(log.read_bytes().splitlines(keepends=True), key)
-    assert result.ok and result.records == 3
-    assert not verify(log.read_bytes().splitlines(keepends=True), b"another key " * 3).ok

@@ -242,11 +242,6 @@ def timestamp(ts: float) -> str:
     return f"{text}.{micro // 1000:03d}Z"
 
 
-def _text(code: Any) -> Any:
-    """A reason code (a StrEnum) as the plain string it is written as: records travel as plain data."""
-    return str(code) if isinstance(code, str) else code
-
-
 def record_of(ex: Any, now: float, duration_s: float) -> dict:
     """The audit record of one Exchange (see proxy.py), before redaction and sealing."""
     record = {
@@ -262,7 +257,7 @@ def record_of(ex: Any, now: float, duration_s: float) -> dict:
         "solicitor": dict(ex.solicitor) if ex.solicitor else None,
         "decision": ex.decision,
         "reason": ex.reason,
-        "code": _text(ex.code),      # the fixed reason code of a denial (the metrics' reason label), else None
+        "code": ex.code,             # the fixed reason code of a denial (the metrics' reason label), else None
         "status": ex.status,
         "complete": ex.complete,     # None: streamed, see the "completed" line of this request_id
         "bytes_in": ex.bytes_in,
@@ -270,7 +265,7 @@ def record_of(ex: Any, now: float, duration_s: float) -> dict:
         "duration_ms": round(duration_s * 1000, 3),
     }
     if ex.would_deny:
-        record["would_deny"] = _text(ex.would_deny)
+        record["would_deny"] = ex.would_deny
     if ex.revocation:
         record["revocation"] = ex.revocation
     return record

@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
-import marshal
 import os
 import socket
 import subprocess
 import sys
 
 from gateway.shell import appender_child
-from gateway.shell.appender_child import ANSWER, HEADER, REPLACED, START
+from gateway.shell.appender_child import HEADER, REPLACED, START
 
 
 class Replaced(Exception):
@@ -37,10 +35,9 @@ class Replaced(Exception):
 
 
 class Appender:
-    """append(fd, chunk) and seal_and_append(fd, records) awaited on the event loop, done by the helper
-    process; one call at a time.
+    """append(fd, chunk) awaited on the event loop, done by the helper process; one call at a time.
 
-    The helper answers each call on the socket (a status byte and the chain's head), which the loop watches for as long
+    The helper answers each call with one byte on the socket, which the loop watches for as long
     as the helper runs (one reader, not one a call). Where a chunk begins goes the other way, on a
     pipe the loop does not watch: the helper writes it there before the chunk, and it is read
     only when the helper died half-way (to cut the chunk back), or drained after the answer. So
@@ -88,19 +85,6 @@ class Appender:
     async def append(self, fd: int, path: str, chunk: bytes, check_path: bool) -> None:
         """Append `chunk` to `fd` and fsync it. Replaced when `check_path` and `path` no longer names
         the file (nothing written); OSError when it could not be made durable (the chunk cut back off)."""
-        await self._call(fd, path, False, b"", chunk, check_path)
-
-    async def seal_and_append(self, fd: int, path: str, prev: str, records: list[dict], key: bytes | None,
-                              check_path: bool) -> str:
-        """Seal `records` into lines chained from `prev` (core.audit.seal, in the helper's process), append
-        them as one chunk and fsync; the chain's new head. Raises as append() does, nothing sealed then."""
-        try:
-            payload = marshal.dumps((prev, records))
-        except ValueError:  # a value marshal does not take (a str subclass): the JSON types it stands for
-            payload = marshal.dumps((prev, json.loads(json.dumps(records))))
-        return (await self._call(fd, path, True, key or b"", payload, check_path)).decode("ascii")
-
-    async def _call(self, fd: int, path: str, records: bool, key: bytes, payload: bytes, check_path: bool) -> bytes:
         async with self._lock:
             if self._answer:
                 self._reset()  # an answer no call asked for: never take it for the next call's
@@ -109,8 +93,8 @@ class Appender:
             name = os.fsencode(path)
             self._waiter = loop.create_future()
             try:
-                # header, path, key and payload in one call where the socket takes them all (it is empty here)
-                data = HEADER.pack(check_path, records, len(name), len(key), len(payload)) + name + key + payload
+                # header, path and chunk in one call where the socket takes them all (it is empty here)
+                data = HEADER.pack(check_path, len(name), len(chunk)) + name + chunk
                 sent = socket.send_fds(self._sock, [data], [fd])
                 if sent < len(data):
                     await loop.sock_sendall(self._sock, memoryview(data)[sent:])
@@ -133,22 +117,17 @@ class Appender:
                 if waiter.done() and not waiter.cancelled():
                     waiter.exception()  # seen: the helper's end, when a failed send is what is raised
             self._said()  # drained: where this chunk began is of no more use
-            status, head = answer[0], bytes(answer[1:])
-            if status == REPLACED:
+            if answer == REPLACED:
                 raise Replaced()
-            if status:
-                raise OSError(status, os.strerror(status))
-            return head
+            if answer:
+                raise OSError(answer, os.strerror(answer))
 
-    async def _outcome(self) -> bytes:
-        """The helper's answer to the call under way (status, then the chain's head); EOFError when it
-        exited first."""
-        while len(self._answer) < ANSWER:
+    async def _outcome(self) -> int:
+        """The helper's answer byte to the call under way; EOFError when it exited first."""
+        if not self._answer:
             await self._waiter
-            if len(self._answer) < ANSWER:   # part of it: wait for the rest
-                self._waiter = asyncio.get_running_loop().create_future()
-        answer = bytes(self._answer[:ANSWER])
-        del self._answer[:ANSWER]
+        answer = self._answer[0]
+        del self._answer[:1]
         return answer
 
     def _readable(self) -> None:

@@ -4,11 +4,9 @@
 pipeline calls it when an answer is decided and sends nothing before it
 returns, so a crash never loses the record of an answered request. Lines are
 group-committed: one background task takes every record waiting at that
-moment and hands them, in order, with the chain's head, to a helper process
-(appender.py: a thread would have to take the GIL back from the busy event loop),
-which seals them into the chain (canonical JSON and HMAC: the largest part of a
-line's cost, on another core than the event loop's), writes them with one write
-and one fsync, and answers the new head; records that arrive meanwhile form the next group.
+moment, seals them into the chain in order, and writes them with one write and
+one fsync, both done by a helper process (appender.py: a thread would have to take
+the GIL back from the busy event loop); records that arrive meanwhile form the next group.
 With `audit.sync: batch`, `commit` does not wait and groups gather for 10 ms.
 
 When a group cannot be written (missing folder, disk full, the file removed),
@@ -32,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
-from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, timestamp
+from gateway.core.audit import GENESIS, Redactor, last_hash, recovered, seal, sealed_hash, timestamp
 from gateway.shell.appender import Appender, Replaced
 from gateway.shell.appender_child import replaced
 
@@ -41,7 +39,7 @@ RETRY_S = 1.0
 BATCH_INTERVAL_S = 0.01
 MAX_PENDING = 100_000
 TAIL_BYTES = 65536
-WRITE_CHUNK = 64           # records a write+fsync at the most (lines of about 1 KiB): a backlog goes out a chunk at a time
+WRITE_CHUNK = 64 * 1024    # bytes a write+fsync at the most: a backlog goes out a chunk at a time
 SUMMARISE_AFTER = 1000     # queued records past which 503s of a broken log are counted, not kept
 EXPIRE_EVERY_S = 0.25      # how often answers waiting too long for their line are given up on
 
@@ -143,9 +141,9 @@ class AuditWriter:
         self._pending: list[tuple[dict, asyncio.Future | None]] = []
         self._deadlines: collections.deque[tuple[float, asyncio.Future]] = collections.deque()  # commit order
         self._expiry: asyncio.TimerHandle | None = None
-        # in chain order, not yet on disk: (record, the commit waiting on it); sealed by the helper as it
-        # writes them, after the head of the chain on disk (self.prev), whichever file that is by then
-        self._queued: list[tuple[dict, asyncio.Future | None]] = []
+        # sealed, in order, not yet on disk: (record, line, the commit waiting on it); the record is kept
+        # so that it can be sealed again into a new chain if the file is replaced before it is written
+        self._sealed: list[tuple[dict, bytes, asyncio.Future | None]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
@@ -162,7 +160,7 @@ class AuditWriter:
             self._appender.start()
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             for record in self._prepare_file():
-                self._queued.append((record, None))
+                self._sealed.append((record, self._seal(record), None))
         except OSError as exc:
             self._fail(exc)
         self._task = asyncio.create_task(self._run(), name="audit-writer")
@@ -229,7 +227,7 @@ class AuditWriter:
     # -- queueing ------------------------------------------------------------------------------------
 
     def _room(self) -> bool:
-        if len(self._pending) + len(self._queued) >= MAX_PENDING:
+        if len(self._pending) + len(self._sealed) >= MAX_PENDING:
             self.on_dropped()
             return False
         return True
@@ -242,7 +240,7 @@ class AuditWriter:
         are counted, and one "summarised" record says how many, so that the backlog stays small
         enough to fit the room a full disk gets back.
         """
-        if summarisable and not self.healthy and len(self._pending) + len(self._queued) >= SUMMARISE_AFTER:
+        if summarisable and not self.healthy and len(self._pending) + len(self._sealed) >= SUMMARISE_AFTER:
             ts = record.get("ts")
             self._summarised = (self._summarised[0] + 1, self._summarised[1] or ts, ts)
             return
@@ -287,12 +285,21 @@ class AuditWriter:
         except (TypeError, ValueError) as exc:  # never let one odd record stop the log
             return {"request_id": record.get("request_id"), "error": f"could not be redacted ({exc})"}
 
+    def _seal(self, record: dict) -> bytes:
+        try:
+            line, self.prev = seal(record, self.prev, self.key)
+        except (TypeError, ValueError) as exc:  # never let one odd record stop the log
+            log.error("audit: record %s could not be sealed (%s)", record.get("request_id"), exc)
+            line, self.prev = seal({"request_id": record.get("request_id"), "error": str(exc)},
+                                   self.prev, self.key)
+        return line
+
     # -- the writer ----------------------------------------------------------------------------------
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            if not self._pending and not self._closing and (self.healthy or not self._queued):
+            if not self._pending and not self._closing and (self.healthy or not self._sealed):
                 self._wake.clear()  # idle: wait for records, or for the next retry while unhealthy
                 try:
                     await asyncio.wait_for(self._wake.wait(), None if self.healthy else RETRY_S)
@@ -322,37 +329,38 @@ class AuditWriter:
                                   "from_ts": since, "to_ts": until, "status": 503, "reason":
                                   "answers 503 (audit_unavailable) while the audit log could not be written, "
                                   "counted here instead of one line each"})
-                self._queued += [(record, None) for record in first]
-                self._queued += group
-                if self._queued:
+                self._sealed += [(record, self._seal(record), None) for record in first]
+                self._sealed += [(record, self._seal(record), done) for record, done in group]
+                if self._sealed:
                     try:
-                        await self._write_queued(loop)
+                        await self._write_sealed(loop)
                     except Exception as exc:  # never let the writer die: it is what everything waits on
                         log.exception("audit: unexpected error")
                         self._fail(OSError(str(exc)))
                 else:
                     self.problem = None
-            if self._closing and not self._pending and (not self._queued or not self.healthy):
+            if self._closing and not self._pending and (not self._sealed or not self.healthy):
                 return
 
     async def _rechain(self, loop) -> list[dict]:
         """Read the chain's head from the file again (at start, after a failure, after a replacement).
 
-        Records are sealed only as they are written, after the head on disk, so none waiting is chained
-        to an old head. When the head moved (a new or replaced file), the records that must come first
-        (a torn tail recovered, a file reopened) go before those waiting; otherwise they are returned,
-        to follow them.
+        When the head moved (a new or replaced file), every record sealed but not yet written is sealed
+        again after it, so that no line chained to the old head lands in the new file. Returns the
+        records that must come before those (a torn tail recovered, a file reopened).
         """
         head = self.prev if self._chained else None
         first = await loop.run_in_executor(None, self._prepare_file)
-        if self._queued and self.prev != head:
-            self._queued = [(record, None) for record in first] + self._queued
+        if self._sealed and self.prev != head:
+            waiting, self._sealed = self._sealed, []
+            self._sealed = [(record, self._seal(record), None) for record in first]
+            self._sealed += [(record, self._seal(record), done) for record, _, done in waiting]
             return []
         return first
 
-    async def _write_queued(self, loop) -> None:
+    async def _write_sealed(self, loop) -> None:
         try:
-            written = await self._write_records([record for record, _ in self._queued])
+            written = await self._write_lines([line for _, line, _ in self._sealed])
         except Replaced:
             # Removed, renamed (logrotate) or replaced while we ran: nothing was written; the path starts a
             # chain of its own (see _rechain), and the waiting records go into it.
@@ -361,35 +369,37 @@ class AuditWriter:
             except OSError as exc:
                 self._fail(exc)
                 return
-            self._queued += [(record, None) for record in first]
-            return await self._write_queued(loop)
+            self._sealed += [(record, self._seal(record), None) for record in first]
+            return await self._write_sealed(loop)
         except _Partial as exc:
             written = exc.done
             self._fail(exc.cause)
         else:
             self.problem = None
-        done, self._queued = self._queued[:written], self._queued[written:]
-        for _, waiter in done:
+        done, self._sealed = self._sealed[:written], self._sealed[written:]
+        if done:
+            self._written_prev = sealed_hash(done[-1][1])
+        for _, _, waiter in done:
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
         if written:
             self.on_written(written)
 
-    async def _write_records(self, records: list[dict]) -> int:
-        """Have the helper seal the records after the chain's head and write and fsync them, in chunks of
-        at most WRITE_CHUNK records, so that a backlog larger than the room a full disk has freed still
-        goes out a chunk at a time. Returns how many are on disk; a chunk that failed half-way is cut back
-        off the file (raises _Partial with the count). The helper checks first that the path still names
-        the file, and answers the chain's new head."""
+    async def _write_lines(self, lines: list[bytes]) -> int:
+        """Write and fsync the lines in chunks of at most WRITE_CHUNK bytes, so that a backlog larger than
+        the room a full disk has freed still goes out a chunk at a time. Returns how many are on disk;
+        a chunk that failed half-way is cut back off the file (raises _Partial with the count).
+        The helper process does the writing, and checks first that the path still names the file."""
         done = 0
-        while done < len(records):
-            end = min(len(records), done + WRITE_CHUNK)
+        while done < len(lines):
+            size, end = 0, done
+            while end < len(lines) and (end == done or size + len(lines[end]) <= WRITE_CHUNK):
+                size += len(lines[end])
+                end += 1
             try:
-                self.prev = await self._appender.seal_and_append(self._fd, str(self.path), self.prev,
-                                                                 records[done:end], self.key, done == 0)
+                await self._appender.append(self._fd, str(self.path), b"".join(lines[done:end]), done == 0)
             except OSError as exc:
                 raise _Partial(exc, done) from None
-            self._written_prev = self.prev
             done = end
         return done
 
