@@ -68,23 +68,17 @@ def credential_of(der: bytes, chain: list[bytes]) -> Credential:
 class Peer:
     """A connection's client certificate and the TLS context of its handshake."""
 
-    __slots__ = ("credential", "identity", "cert", "handshake_context", "reported", "_trust", "_standing",
-                 "__weakref__")
+    __slots__ = ("credential", "identity", "cert", "handshake_context", "reported", "__weakref__")
 
     def __init__(self, credential: Credential, handshake_context: ssl.SSLContext | None):
         self.credential, self.identity, self.cert = credential, credential.identity, credential.cert
         self.handshake_context = handshake_context
         self.reported = None   # the policy whose client certificate metric this connection has set
-        self._trust: Trust | None = None
-        self._standing: Standing | None = None
 
     def standing(self, gw: Gateway) -> Standing | None:
         if gw.trust is None:
             return None
-        if self._trust is not gw.trust:
-            self._standing = self.credential.standing(gw.trust, self.handshake_context is gw.tls_context)
-            self._trust = gw.trust
-        return self._standing
+        return self.credential.standing(gw.trust, self.handshake_context is gw.tls_context)
 
 
 def _parsed(chain: list[bytes]):
